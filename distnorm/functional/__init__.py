@@ -1,0 +1,1 @@
+"""Pure functions: references, norms, statistics. No modules, no state."""

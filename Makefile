@@ -29,7 +29,7 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	touch $(STAMP)
 
 lint: $(STAMP)
-	$(PY) -m ruff check distnorm tests benchmarks launch
+	$(PY) -m ruff check $(wildcard distnorm tests benchmarks launch)
 
 typecheck: $(STAMP)
 	$(PY) -m mypy

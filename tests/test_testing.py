@@ -103,9 +103,9 @@ def _spawn_hang(rank):
 
 def test_spawn_timeout_kills_children():
     start = time.monotonic()
-    with pytest.raises(RankTimeoutError, match=r"ranks \[0\] of 2 did not finish within 20"):
-        spawn(2, _spawn_hang, timeout=20)
-    assert time.monotonic() - start < 45
+    with pytest.raises(RankTimeoutError, match=r"ranks \[0\] of 2 did not finish within 8"):
+        spawn(2, _spawn_hang, timeout=8)
+    assert time.monotonic() - start < 30
 
 
 def test_chunk_and_split_helpers():

@@ -173,6 +173,11 @@ def _active_hooks() -> list[Callable[[str, torch.Tensor, Group], None]]:
     return hooks
 
 
+# Process-wide hooks, run before the per-thread ones: what a config flag installs, seen by every
+# thread (autograd's device threads included, which per-thread hooks miss).
+_GLOBAL_HOOKS: list[Callable[[str, torch.Tensor, Group], None]] = []
+
+
 @contextlib.contextmanager
 def count_collectives() -> Iterator[CollectiveCounts]:
     """Count the collectives this rank (thread) issues through distnorm inside the block.
@@ -194,7 +199,7 @@ def count_collectives() -> Iterator[CollectiveCounts]:
 
 
 def _record(kind: str, tensor: torch.Tensor, group: Group, nbytes: int | None = None) -> None:
-    for hook in list(_active_hooks()):
+    for hook in [*_GLOBAL_HOOKS, *_active_hooks()]:
         hook(kind, tensor, group)
     size = tensor.numel() * tensor.element_size() if nbytes is None else nbytes
     for counts in _active_counters():

@@ -1,5 +1,24 @@
-"""Tensor-parallel building blocks: parallel linears (and, as they land, TP norms)."""
+"""Tensor-parallel building blocks: parallel linears and tensor-parallel norms.
+
+* token-sharded activations, replicated parameters: ``SequenceParallelLayerNorm``,
+  ``SequenceParallelRMSNorm`` (+ ``sync_sequence_parallel_grads`` for ``grad_sync="deferred"``);
+* hidden-sharded activations and parameters: ``ShardedLayerNorm``, ``ShardedRMSNorm``;
+* Megatron linears: ``ColumnParallelLinear``, ``RowParallelLinear``.
+"""
 
 from distnorm.tensor_parallel.linear import ColumnParallelLinear, RowParallelLinear
+from distnorm.tensor_parallel.sequence_parallel import (
+    SequenceParallelLayerNorm,
+    SequenceParallelNorm,
+    SequenceParallelRMSNorm,
+    sync_sequence_parallel_grads,
+)
 
-__all__ = ["ColumnParallelLinear", "RowParallelLinear"]
+__all__ = [
+    "ColumnParallelLinear",
+    "RowParallelLinear",
+    "SequenceParallelLayerNorm",
+    "SequenceParallelNorm",
+    "SequenceParallelRMSNorm",
+    "sync_sequence_parallel_grads",
+]

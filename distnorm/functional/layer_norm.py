@@ -255,13 +255,15 @@ def layer_norm(
     eps: float = 1e-5,
     *,
     group: Group = None,
+    hidden: int | None = None,
     zero_centered_gamma: bool = False,
     output_scale: float = 1.0,
 ) -> torch.Tensor:
     """LayerNorm over the last dim, hidden-sharded over ``group`` when it has more than one rank.
 
     ``x [*, H_local] -> y [*, H_local]`` in ``x.dtype``; ``weight``/``bias [H_local]`` are this
-    rank's shards, ``H_local = shard_sizes(H, P)[rank]``. Collectives (P > 1): fwd 1 all-reduce,
+    rank's shards, ``H_local = shard_sizes(hidden, P)[rank]``; ``hidden`` (the full size) is
+    required when P > 1. Collectives (P > 1): fwd 1 all-reduce,
     16 B/token (float64 [n·mean, M2 + n·mean²]); bwd 1 all-reduce, 8 B/token (fp32 [Σg, Σg·x_hat];
     16 for float64 inputs). ``group`` None or P == 1: none.
     """
@@ -270,7 +272,7 @@ def layer_norm(
 
     kw = {"zero_centered_gamma": zero_centered_gamma, "output_scale": output_scale}
     if group_size(group) > 1:
-        return sharded_norm(x, weight, bias, eps, rms=False, group=group, **kw)  # type: ignore[arg-type]
+        return sharded_norm(x, weight, bias, eps, rms=False, group=group, hidden=hidden, **kw)  # type: ignore[arg-type]
     return local_norm(x, weight, bias, eps, rms=False, **kw)  # type: ignore[arg-type]
 
 
@@ -280,12 +282,14 @@ def rms_norm(
     eps: float = 1e-6,
     *,
     group: Group = None,
+    hidden: int | None = None,
     zero_centered_gamma: bool = False,
     output_scale: float = 1.0,
 ) -> torch.Tensor:
     """RMSNorm over the last dim, hidden-sharded over ``group`` when it has more than one rank.
 
-    ``x [*, H_local] -> y [*, H_local]`` in ``x.dtype``. Collectives (P > 1): fwd 1 all-reduce,
+    ``x [*, H_local] -> y [*, H_local]`` in ``x.dtype``, ``H_local = shard_sizes(hidden, P)[rank]``
+    (``hidden`` required when P > 1). Collectives (P > 1): fwd 1 all-reduce,
     4 B/token (Σx², fp32; 8 for float64 inputs); bwd 1 all-reduce, 4 B/token (Σg·x_hat).
     ``group`` None or P == 1: none.
     """
@@ -294,5 +298,5 @@ def rms_norm(
 
     kw = {"zero_centered_gamma": zero_centered_gamma, "output_scale": output_scale}
     if group_size(group) > 1:
-        return sharded_norm(x, weight, None, eps, rms=True, group=group, **kw)  # type: ignore[arg-type]
+        return sharded_norm(x, weight, None, eps, rms=True, group=group, hidden=hidden, **kw)  # type: ignore[arg-type]
     return local_norm(x, weight, None, eps, rms=True, **kw)  # type: ignore[arg-type]

@@ -13,6 +13,7 @@ from distnorm.tensor_parallel.sequence_parallel import (
     SequenceParallelRMSNorm,
     sync_sequence_parallel_grads,
 )
+from distnorm.tensor_parallel.sharded import ShardedLayerNorm, ShardedNorm, ShardedRMSNorm
 
 __all__ = [
     "ColumnParallelLinear",
@@ -20,5 +21,8 @@ __all__ = [
     "SequenceParallelLayerNorm",
     "SequenceParallelNorm",
     "SequenceParallelRMSNorm",
+    "ShardedLayerNorm",
+    "ShardedNorm",
+    "ShardedRMSNorm",
     "sync_sequence_parallel_grads",
 ]

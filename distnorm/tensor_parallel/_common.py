@@ -134,7 +134,8 @@ class NormBase(nn.Module):
 
 
 def run_on_local(
-    x: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor], *, sharded_hidden: bool, cls: str, group: Group
+    x: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor], *, sharded_hidden: bool, cls: str, group: Group,
+    local_hidden: int | None = None,
 ) -> torch.Tensor:
     """Apply ``fn`` to a plain tensor, or to a DTensor's local shard and re-wrap (no redistribution).
 
@@ -164,5 +165,13 @@ def run_on_local(
             f"{group_size(group)} with placement {expect}; got mesh shape {tuple(mesh.shape)}, "
             f"placements {tuple(placements)} {where(group)}"
         )
-    y_local = fn(x.to_local())
+    x_local = x.to_local()
+    if sharded_hidden and local_hidden is not None and x_local.shape[-1] != local_hidden:
+        raise ValueError(
+            f"{cls}: DTensor input's local hidden shard has {x_local.shape[-1]} columns, the norm's parameters "
+            f"{local_hidden}: DTensor's Shard(-1) splits like torch.chunk ({x.shape[-1]} over {mesh.size()}), "
+            f"distnorm like shard_sizes (first H % P ranks one more); redistribute or pick H divisible by P "
+            f"{where(group)}"
+        )
+    y_local = fn(x_local)
     return DTensor.from_local(y_local, mesh, placements, run_check=False, shape=x.shape, stride=x.stride())

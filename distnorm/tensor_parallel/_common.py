@@ -74,6 +74,29 @@ def check_inputs(
         )
 
 
+class DeferredGradSync:
+    """Marker base: a module whose replicated parameters may hold partial (per-rank) gradients.
+
+    :func:`distnorm.tensor_parallel.sync_sequence_parallel_grads` finds modules by this type and
+    sums :meth:`deferred_parameters` over ``group``. ``grad_sync="backward"`` modules sum inside
+    their own backward and report none.
+    """
+
+    grad_sync: str
+    group: Group
+
+    def init_grad_sync(self, cls: str, grad_sync: str, group: Group) -> None:
+        if grad_sync not in GRAD_SYNC_MODES:
+            raise ValueError(f"{cls}: grad_sync must be one of {GRAD_SYNC_MODES}, got {grad_sync!r} {where(group)}")
+        self.grad_sync = grad_sync
+
+    def deferred_parameters(self) -> list[nn.Parameter]:
+        """Parameters whose ``.grad`` is a per-rank partial sum until synchronised."""
+        if self.grad_sync != "deferred" or not isinstance(self, nn.Module):
+            return []
+        return [p for p in self.parameters(recurse=False) if p.requires_grad]
+
+
 class NormBase(nn.Module):
     """Parameters (``weight`` / ``bias`` of ``local_size``), ``reset_parameters`` and ``extra_repr``.
 

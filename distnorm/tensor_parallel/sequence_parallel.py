@@ -24,7 +24,14 @@ from torch import nn
 from distnorm import comm
 from distnorm.comm import Group, group_size
 from distnorm.functional.layer_norm import layer_norm_bwd, layer_norm_fwd, rms_norm_bwd, rms_norm_fwd
-from distnorm.tensor_parallel._common import GRAD_SYNC_MODES, NormBase, check_inputs, run_on_local, where
+from distnorm.tensor_parallel._common import (
+    GRAD_SYNC_MODES,
+    DeferredGradSync,
+    NormBase,
+    check_inputs,
+    run_on_local,
+    where,
+)
 
 __all__ = [
     "SequenceParallelLayerNorm",
@@ -114,21 +121,12 @@ def local_norm(
     return _SequenceParallelNormFn.apply(x, weight, bias, eps, rms, zero_centered_gamma, output_scale, None)
 
 
-class SequenceParallelNorm(NormBase):
-    """Base of every sequence-parallel norm: :func:`sync_sequence_parallel_grads` finds modules by this type.
-
-    Subclasses own ``weight``/``bias`` (and any other parameters) whose gradients are partial
-    sums over this rank's tokens until synchronised.
-    """
-
-    grad_sync: str
+class SequenceParallelNorm(NormBase, DeferredGradSync):
+    """Base of the sequence-parallel norms: ``weight``/``bias`` replicated, their gradients partial
+    sums over this rank's tokens until synchronised (in backward, or by :func:`sync_sequence_parallel_grads`)."""
 
     def _init_sync(self, cls: str, grad_sync: str) -> None:
-        if grad_sync not in GRAD_SYNC_MODES:
-            raise ValueError(
-                f"{cls}: grad_sync must be one of {GRAD_SYNC_MODES}, got {grad_sync!r} {where(self.group)}"
-            )
-        self.grad_sync = grad_sync
+        self.init_grad_sync(cls, grad_sync, self.group)
 
     def _norm(self, x: torch.Tensor, rms: bool) -> torch.Tensor:
         cls = type(self).__name__
@@ -191,29 +189,27 @@ class SequenceParallelRMSNorm(SequenceParallelNorm):
 
 
 def sync_sequence_parallel_grads(model: nn.Module) -> int:
-    """Sum the gradients of every ``grad_sync="deferred"`` sequence-parallel norm in ``model`` over its group.
+    """Sum the partial gradients of every ``grad_sync="deferred"`` norm in ``model`` over its group.
 
-    Call after backward, before the optimizer step (and before or after DP gradient reduction:
-    the two sums commute). Parameters are found by module type (:class:`SequenceParallelNorm`),
-    in ``model.modules()`` order, so every rank builds the same flat buffer. A parameter whose
-    ``.grad`` is None contributes zeros (and gets them), so ranks never disagree on the layout.
+    Call after backward, before the optimizer step (before or after DP gradient reduction: the
+    two sums commute). Modules are found by type (:class:`DeferredGradSync`: the sequence-parallel
+    norms and the replicated-parameter variants), in ``model.modules()`` order, so every rank
+    builds the same flat buffer. A parameter whose ``.grad`` is None contributes zeros (and gets
+    them), so ranks never disagree on the layout.
 
-    Collectives: 1 all-reduce per distinct (group, dtype, device) of the deferred norms' parameters
-    — one per model in the usual case — of all their numbers; none for groups of size 1.
-    Returns the number of all-reduces issued.
+    Collectives: 1 all-reduce per distinct (group, dtype, device) of the deferred parameters —
+    one per model in the usual case — carrying all their gradient numbers in the parameter
+    dtype; none for groups of size 1. Returns the number of all-reduces issued.
     """
-    buckets: dict[tuple[Any, torch.dtype, torch.device], list[nn.Parameter]] = {}
-    groups: dict[tuple[Any, torch.dtype, torch.device], Group] = {}
+    buckets: dict[tuple[int, torch.dtype, torch.device], list[nn.Parameter]] = {}
+    groups: dict[tuple[int, torch.dtype, torch.device], Group] = {}
     for module in model.modules():
-        if not isinstance(module, SequenceParallelNorm) or module.grad_sync != "deferred":
+        if not isinstance(module, DeferredGradSync) or group_size(module.group) == 1:
             continue
-        if group_size(module.group) == 1:
-            continue
-        for p in module.parameters(recurse=False):
-            if p.requires_grad:
-                key = (id(module.group), p.dtype, p.device)
-                buckets.setdefault(key, []).append(p)
-                groups[key] = module.group
+        for p in module.deferred_parameters():
+            key = (id(module.group), p.dtype, p.device)
+            buckets.setdefault(key, []).append(p)
+            groups[key] = module.group
     for key, params in buckets.items():
         flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
         comm.all_reduce_(flat, groups[key])

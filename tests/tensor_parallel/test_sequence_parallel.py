@@ -11,7 +11,7 @@ from distnorm.tensor_parallel import (
     SequenceParallelRMSNorm,
     sync_sequence_parallel_grads,
 )
-from distnorm.testing import simulate, spawn, split_for_world
+from distnorm.testing import simulate, split_for_world
 from tests.tensor_parallel.norm_cases import DTYPES, Case, check_all, make_case
 
 
@@ -162,17 +162,3 @@ def _bad_rank(rank):
 def test_bad_input_names_rank():
     with pytest.raises(ValueError, match=r"got shape \(3, 5\) \(rank 1 of 2\)"):
         simulate(2, _bad_rank, timeout=30)
-
-
-def _spawn_rank(rank, world, cases):
-    return [o[:4] for o in _rank(rank, world, cases, "backward")]
-
-
-def test_spawn_gloo_four_processes():
-    cases = [make_case("layer", 10).cast(torch.float64), make_case("rms", 64).cast(torch.float32)]
-    outs = spawn(4, _spawn_rank, 4, cases, timeout=120)
-    for i, case in enumerate(cases):
-        y = torch.cat([o[i][0] for o in outs])
-        dx = torch.cat([o[i][1] for o in outs])
-        for o in outs:
-            check_all((y, dx, o[i][2], o[i][3]), case)

@@ -1,0 +1,181 @@
+"""Norm variants in both tensor-parallel forms, chosen by ``parallel="sequence" | "sharded"``.
+
+* ``SingleScaleRMSNorm`` (Outlier-Safe Pre-Training): ``y = α · x / rms(x)``, one learnable scalar
+  α shared by every channel (no per-channel gain for outliers to hide in).
+* ``CRMSNorm`` (Pre-CRMSNorm, "Pre-RMSNorm and Pre-CRMSNorm Transformers"): the input is a
+  zero-mean d-vector stored with its first ``d - 1 = normalized_shape`` coordinates (the last is
+  ``-Σx``), so ``y = x / sqrt((Σx² + (Σx)²) / d + eps) · w``.
+* SRMSNorm (TransNormer) is plain RMSNorm without affine: ``SequenceParallelRMSNorm(h,
+  elementwise_affine=False)`` / ``ShardedRMSNorm(h, elementwise_affine=False)``.
+* ``layer_norm_scaling(layer_index)`` = ``1 / sqrt(layer_index)`` (LayerNorm Scaling, "The Curse
+  of Depth in Large Language Models"), to pass as ``output_scale`` to any norm here.
+
+``parallel="sequence"``: ``x [*, H]`` holds this rank's tokens; parameters replicated.
+``parallel="sharded"``: ``x [*, H_local]``, ``H_local = shard_sizes(H, P)[rank]``.
+With ``group`` None or of size 1 the two forms are the same one-device op.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, cast
+
+import torch
+from torch import nn
+
+from distnorm import comm
+from distnorm.comm import Group, group_size
+from distnorm.functional.layer_norm import norm_bwd_finish, norm_bwd_partial, norm_fwd_with_stats, stats_dtype
+from distnorm.tensor_parallel._common import (
+    DeferredGradSync,
+    NormBase,
+    check_float,
+    check_inputs,
+    check_normalized_shape,
+    run_on_local,
+    where,
+)
+from distnorm.tensor_parallel.sequence_parallel import local_norm
+from distnorm.tensor_parallel.sharded import _ShardedNormFn, local_shard_size
+
+__all__ = ["CRMSNorm", "SingleScaleRMSNorm", "layer_norm_scaling"]
+
+PARALLEL_FORMS = ("sequence", "sharded")
+
+
+def layer_norm_scaling(layer_index: int) -> float:
+    """LayerNorm Scaling's output scale for the norm of layer ``layer_index`` (1-based): ``1/sqrt(layer_index)``.
+
+    >>> SequenceParallelRMSNorm(4096, output_scale=layer_norm_scaling(12), group=tp_group)
+    """
+    if not isinstance(layer_index, int) or isinstance(layer_index, bool) or layer_index < 1:
+        raise ValueError(f"layer_norm_scaling: layer_index must be an int >= 1 (1-based), got {layer_index!r}")
+    return 1.0 / math.sqrt(layer_index)
+
+
+def _check_parallel(cls: str, parallel: str, group: Group) -> str:
+    if parallel not in PARALLEL_FORMS:
+        raise ValueError(f"{cls}: parallel must be one of {PARALLEL_FORMS}, got {parallel!r} {where(group)}")
+    return parallel
+
+
+class SingleScaleRMSNorm(NormBase, DeferredGradSync):
+    """RMSNorm with one learnable scalar gain α (stored as α - 1 with ``zero_centered_gamma``).
+
+    Shapes as the ``parallel`` form says; output in ``x.dtype``. α is replicated in both forms and
+    its gradient is a partial sum (over tokens or columns) until summed over ``group``.
+    Collectives (P > 1): ``"sequence"``: fwd none, bwd 1 all-reduce of α's gradient (4 B per call;
+    none with ``grad_sync="deferred"``). ``"sharded"``: fwd 1 all-reduce 4 B/token (Σx²), bwd 1
+    all-reduce 4 B/token (Σg·x_hat) + α's 4 B (unless deferred). ``group`` None or P == 1: none.
+    """
+
+    def __init__(self, normalized_shape: int, eps: float = 1e-6, *, parallel: str = "sequence",
+                 zero_centered_gamma: bool = False, output_scale: float = 1.0, grad_sync: str = "backward",
+                 group: Group = None, dtype: torch.dtype | None = None,
+                 device: torch.device | str | None = None) -> None:
+        cls = "SingleScaleRMSNorm"
+        self_parallel = _check_parallel(cls, parallel, group)
+        hidden = check_normalized_shape(cls, normalized_shape, group)
+        local = (lambda h: h) if self_parallel == "sequence" else (lambda h: local_shard_size(h, group, cls=cls))
+        super().__init__(cls, hidden, eps, False, False, local_size=local, zero_centered_gamma=zero_centered_gamma,
+                         output_scale=output_scale, group=group, dtype=dtype, device=device)
+        self.parallel = self_parallel
+        self.init_grad_sync(cls, grad_sync, group)
+        self.weight = nn.Parameter(torch.empty(1, dtype=dtype, device=device))
+        self.reset_parameters()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        cls, sharded = type(self).__name__, self.parallel == "sharded"
+        alpha = comm.copy_to_group(cast(torch.Tensor, self.weight), self.group if self.grad_sync == "backward" else None)
+
+        def fn(x_local: torch.Tensor) -> torch.Tensor:
+            check_inputs(cls, x_local, self.weight, None, self.local_size, "the local hidden size", self.group)
+            gain = alpha.expand(self.local_size)
+            if sharded and group_size(self.group) > 1:
+                return _ShardedNormFn.apply(x_local, gain, None, self.eps, True, self.zero_centered_gamma,
+                                            self.output_scale, self.group, self.normalized_shape)
+            return local_norm(x_local, gain, None, self.eps, rms=True, zero_centered_gamma=self.zero_centered_gamma,
+                              output_scale=self.output_scale)
+
+        return run_on_local(x, fn, sharded_hidden=sharded, cls=cls, group=self.group, local_hidden=self.local_size)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, parallel={self.parallel!r}, grad_sync={self.grad_sync!r}, single scale"
+
+
+class _CRMSNormFn(torch.autograd.Function):
+    """``y = x · rstd · w``, ``rstd = ((Σx² + (Σx)²)/d + eps)^-1/2``; sums over all shards.
+
+    Backward: ``dx = rstd · (g - (x_hat + S·rstd) · Σ(g·x_hat) / d)``, ``S = Σx``, ``g = dy·w·s``.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor | None, eps: float, zero_centered_gamma: bool,
+                output_scale: float, stats_group: Group, grad_group: Group, d: int) -> torch.Tensor:
+        x2d = x.reshape(-1, x.shape[-1])
+        xf = x2d.to(stats_dtype(x2d.dtype))
+        stats = torch.stack([xf.square().sum(dim=-1), xf.sum(dim=-1)], dim=-1)  # [T, 2]: Σx², Σx
+        comm.all_reduce_(stats, stats_group)
+        total = stats[:, 1]
+        rstd = torch.rsqrt((stats[:, 0] + total.square()) / d + eps)
+        kw = {"zero_centered_gamma": zero_centered_gamma, "output_scale": output_scale}
+        y = norm_fwd_with_stats(x2d, None, rstd, weight, None, **kw)  # type: ignore[arg-type]
+        ctx.save_for_backward(x2d, weight, rstd, total)
+        ctx.kw, ctx.stats_group, ctx.grad_group, ctx.d = kw, stats_group, grad_group, d
+        return y.view(x.shape)
+
+    @staticmethod
+    def backward(ctx: Any, dy: torch.Tensor) -> tuple[Any, ...]:
+        x2d, weight, rstd, total = ctx.saved_tensors
+        dy2d = dy.reshape(x2d.shape)
+        sums, dw, _ = norm_bwd_partial(dy2d, x2d, weight, None, rstd, **ctx.kw)  # [T, 1]: Σg·x_hat
+        comm.all_reduce_(sums, ctx.stats_group)
+        # x_hat + S·rstd = (x + S)·rstd: the RMSNorm finish on the shifted input is CRMSNorm's dx
+        shifted = x2d.to(rstd.dtype) + total.unsqueeze(-1)
+        dx = norm_bwd_finish(dy2d, shifted, weight, None, rstd, sums, ctx.d, **ctx.kw).to(x2d.dtype)
+        if dw is not None:
+            dw = comm.all_reduce_(dw, ctx.grad_group).to(weight.dtype)
+        return dx.view(dy.shape), dw, None, None, None, None, None, None
+
+
+class CRMSNorm(NormBase, DeferredGradSync):
+    """Compressed RMSNorm of a zero-mean d-vector stored with ``normalized_shape = d - 1`` coordinates.
+
+    ``y = x / sqrt((Σx² + (Σx)²) / d + eps) · w · output_scale``, ``w [d-1]`` (sharded like x in
+    the sharded form). Shapes as the ``parallel`` form says; output in ``x.dtype``.
+    Collectives (P > 1): ``"sequence"``: fwd none, bwd 1 all-reduce of dw (``d-1`` fp32 numbers per
+    call; none with ``grad_sync="deferred"``). ``"sharded"``: fwd 1 all-reduce 8 B/token
+    ([Σx², Σx] fp32), bwd 1 all-reduce 4 B/token (Σg·x_hat); dw local. ``group`` None or P == 1: none.
+    """
+
+    def __init__(self, normalized_shape: int, eps: float = 1e-6, elementwise_affine: bool = True, *,
+                 parallel: str = "sequence", zero_centered_gamma: bool = False, output_scale: float = 1.0,
+                 grad_sync: str = "backward", group: Group = None, dtype: torch.dtype | None = None,
+                 device: torch.device | str | None = None) -> None:
+        cls = "CRMSNorm"
+        self_parallel = _check_parallel(cls, parallel, group)
+        local = (lambda h: h) if self_parallel == "sequence" else (lambda h: local_shard_size(h, group, cls=cls))
+        super().__init__(cls, normalized_shape, eps, elementwise_affine, False, local_size=local,
+                         zero_centered_gamma=zero_centered_gamma, output_scale=output_scale, group=group,
+                         dtype=dtype, device=device)
+        self.parallel = self_parallel
+        self.init_grad_sync(cls, grad_sync, group)
+        check_float(cls, "eps", eps, group)
+
+    def deferred_parameters(self) -> list[nn.Parameter]:
+        return [] if self.parallel == "sharded" else super().deferred_parameters()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        cls, sharded = type(self).__name__, self.parallel == "sharded"
+        stats_group = self.group if sharded else None
+        grad_group = self.group if not sharded and self.grad_sync == "backward" else None
+
+        def fn(x_local: torch.Tensor) -> torch.Tensor:
+            check_inputs(cls, x_local, self.weight, None, self.local_size, "the local hidden size", self.group)
+            return _CRMSNormFn.apply(x_local, self.weight, self.eps, self.zero_centered_gamma, self.output_scale,
+                                     stats_group, grad_group, self.normalized_shape + 1)
+
+        return run_on_local(x, fn, sharded_hidden=sharded, cls=cls, group=self.group, local_hidden=self.local_size)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, parallel={self.parallel!r}, grad_sync={self.grad_sync!r}"

@@ -67,14 +67,28 @@ _REDUCE_OPS = {
 # --------------------------------------------------------------------------------------------
 
 
+def _check_group(group: object) -> None:
+    if not isinstance(group, dist.ProcessGroup):
+        raise TypeError(
+            f"group must be a torch.distributed.ProcessGroup or None, got {type(group).__name__} {group!r} "
+            f"(rank {_global_rank()}); for a DeviceMesh pass mesh.get_group(axis)"
+        )
+
+
 def group_size(group: Group) -> int:
-    """Number of ranks in ``group``; 1 for ``None``."""
-    return 1 if group is None else dist.get_world_size(group)
+    """Number of ranks in ``group``; 1 for ``None``. A non-group is a TypeError."""
+    if group is None:
+        return 1
+    _check_group(group)
+    return dist.get_world_size(group)
 
 
 def group_rank(group: Group) -> int:
-    """This process's rank inside ``group``; 0 for ``None``."""
-    return 0 if group is None else dist.get_rank(group)
+    """This process's rank inside ``group``; 0 for ``None``. A non-group is a TypeError."""
+    if group is None:
+        return 0
+    _check_group(group)
+    return dist.get_rank(group)
 
 
 def _global_rank() -> int:

@@ -9,6 +9,7 @@ from torch import nn
 
 from distnorm import comm, debug
 from distnorm.comm import count_collectives, shard_sizes
+from distnorm.tensor_parallel import SequenceParallelRMSNorm, ShardedLayerNorm
 from distnorm.testing import simulate, spawn, split_for_world
 
 WORLDS = [1, 2, 3, 4]
@@ -74,6 +75,26 @@ def test_different_token_count_raises_on_every_rank(world):
             f"rank {r}: ({5 if r == world - 1 else 4}, 8)" for r in range(world)) in msg
         assert "dtype: float32 (all ranks)" in msg
         assert f"raised on rank {rank} of the group" in msg
+
+
+def _sharded_norm_token_mismatch(rank, world):
+    norm = ShardedLayerNorm(12, group=dist.group.WORLD)
+    x_shard = torch.randn(7 if rank == 1 else 6, norm.local_size)  # rank 1 got one more token
+    try:
+        with debug.consistency_checks():
+            norm(x_shard)
+    except RuntimeError as exc:
+        return str(exc)
+    return None
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_sharded_norm_with_a_different_token_count_raises_on_every_rank(world):
+    msgs = simulate(world, _sharded_norm_token_mismatch, world, timeout=TIMEOUT)
+    for msg in msgs:
+        assert msg is not None and "before all_reduce" in msg
+        assert "called from: distnorm.tensor_parallel.sharded._ShardedNormFn.forward (all ranks)" in msg
+        assert "rank 1: (7, 2)" in msg and "rank 0: (6, 2)" in msg
 
 
 def _dtype_and_op_mismatch(rank, world):
@@ -214,6 +235,25 @@ def test_consistency_and_replica_checks_raise_on_every_gloo_process():
     for token_msg, replica_msg in outs:  # real processes: no hang, the same error on every rank
         assert token_msg is not None and "shape: rank 0: (4, 8); rank 1: (5, 8)" in token_msg
         assert "'1.running_mean': ranks agreeing: [0] | [1]" in replica_msg
+
+
+def _tp_replicas(rank, world, drift):
+    group = dist.group.WORLD
+    model = nn.Sequential(SequenceParallelRMSNorm(8, group=group), ShardedLayerNorm(8, group=group))
+    with torch.no_grad():
+        model[1].weight.fill_(rank)  # sharded: legitimately different on every rank
+        if drift and rank == world - 1:
+            model[0].weight[0] = 2.0
+    try:
+        return debug.check_replicas(model, group)
+    except RuntimeError as exc:
+        return str(exc)
+
+
+def test_check_replicas_skips_parameters_sharded_over_the_group():
+    assert simulate(3, _tp_replicas, 3, False, timeout=TIMEOUT) == [["0.weight"]] * 3
+    for msg in simulate(3, _tp_replicas, 3, True, timeout=TIMEOUT):
+        assert "'0.weight': ranks agreeing: [0, 1] | [2]" in msg
 
 
 def test_check_replicas_include_and_bad_model():

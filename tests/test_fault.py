@@ -1,7 +1,7 @@
 """Fault tests: a peer that dies or stops mid-training gives the survivors an error, never a hang.
 
-Three real gloo processes train a small tensor-parallel block (``init_distributed(tp=3,
-timeout=...)``); after a few steps rank 2 is SIGKILLed (gloo sees the connection reset at once) or
+Three real gloo processes train a small tensor-parallel block (sequence-parallel RMSNorm, column-
+and row-parallel linears; ``init_distributed(tp=3, timeout=...)``); after a few steps rank 2 is SIGKILLed (gloo sees the connection reset at once) or
 SIGSTOPped (it never arrives at the next collective: the process group's timeout fires). Either
 way the two survivors must exit non-zero, with a message naming their rank, within the configured
 timeout plus slack.
@@ -30,19 +30,20 @@ STEP_SLEEP_S = 0.02
 def _train(steps: int) -> None:
     """One rank of the job (run in a subprocess with RANK/WORLD_SIZE/MASTER_* set)."""
     import distnorm as dn
-    from distnorm.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+    from distnorm.tensor_parallel import ColumnParallelLinear, RowParallelLinear, SequenceParallelRMSNorm
 
     topo = dn.init_distributed(tp=WORLD, timeout=timedelta(seconds=PG_TIMEOUT_S))
     g = torch.Generator().manual_seed(0)  # the same full weights on every rank
     up = ColumnParallelLinear(16, 32, group=topo.tp_group, sequence_parallel=True, generator=g)
     down = RowParallelLinear(32, 16, group=topo.tp_group, sequence_parallel=True, generator=g)
-    params = [*up.parameters(), *down.parameters()]
+    norm = SequenceParallelRMSNorm(16, group=topo.tp_group)  # weight grads all-reduced in backward
+    params = [*norm.parameters(), *up.parameters(), *down.parameters()]
     opt = torch.optim.SGD(params, lr=1e-2)
     data = torch.Generator().manual_seed(1 + topo.rank)
     try:
         for step in range(steps):
             x_shard = torch.randn(6, 16, generator=data)  # this rank's 6 of 18 tokens
-            y_shard = x_shard + down(torch.nn.functional.gelu(up(x_shard)))
+            y_shard = x_shard + down(torch.nn.functional.gelu(up(norm(x_shard))))
             loss = y_shard.pow(2).mean()
             opt.zero_grad()
             loss.backward()

@@ -100,14 +100,16 @@ class _PowerNormFn(torch.autograd.Function):
         y = z if weight is None else z * weight.to(sdt).view(vs)
         if bias is not None:
             y = y + bias.to(sdt).view(vs)
-        ctx.save_for_backward(z, scale, psi_b2 * scale.square(), n, weight, ema_gz, mask)
+        ctx.save_for_backward(z, scale, psi_b2 * scale.square(), n, weight, mask)
+        ctx.ema_gz = ema_gz  # state updated by the backward: not a saved tensor
         ctx.c_dim, ctx.alpha_bkw, ctx.group = c_dim, alpha_bkw, group
         ctx.has_bias = bias is not None
         return y.to(x.dtype)
 
     @staticmethod
     def backward(ctx: Any, dy: torch.Tensor) -> tuple[Any, ...]:
-        z, scale, gamma_b, n, weight, ema_gz, mask = ctx.saved_tensors
+        z, scale, gamma_b, n, weight, mask = ctx.saved_tensors
+        ema_gz = ctx.ema_gz
         c_dim, ab = ctx.c_dim, ctx.alpha_bkw
         vs = vec_shape(z, c_dim)
         dys = dy.to(z.dtype)

@@ -89,16 +89,17 @@ def gather(per_rank: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def assert_parity(actual: dict[str, Any], expected: dict[str, Any], atol: float) -> None:
+def assert_parity(actual: dict[str, Any], expected: dict[str, Any], atol: float, rtol: float = 0.0) -> None:
+    """Outputs, input grads, summed parameter grads and buffers within ``atol + rtol * |expected|``."""
     for i, (y, y_ref) in enumerate(zip(actual["ys"], expected["ys"])):
-        torch.testing.assert_close(y.double(), y_ref.double(), rtol=0, atol=atol, msg=lambda m, i=i: f"step {i} output: {m}")
+        torch.testing.assert_close(y.double(), y_ref.double(), rtol=rtol, atol=atol, msg=lambda m, i=i: f"step {i} output: {m}")
     for i, (dx, dx_ref) in enumerate(zip(actual["dxs"], expected["dxs"])):
-        torch.testing.assert_close(dx.double(), dx_ref.double(), rtol=0, atol=atol, msg=lambda m, i=i: f"step {i} dx: {m}")
+        torch.testing.assert_close(dx.double(), dx_ref.double(), rtol=rtol, atol=atol, msg=lambda m, i=i: f"step {i} dx: {m}")
     assert set(actual["grads"]) == set(expected["grads"])
     for name, g_ref in expected["grads"].items():
-        torch.testing.assert_close(actual["grads"][name].double(), g_ref.double(), rtol=0, atol=atol,
+        torch.testing.assert_close(actual["grads"][name].double(), g_ref.double(), rtol=rtol, atol=atol,
                                    msg=lambda m, name=name: f"grad {name}: {m}")
     for name, b_ref in expected["buffers"].items():
         b = actual["buffers"][name]
-        torch.testing.assert_close(b.double(), b_ref.double().reshape(b.shape), rtol=0, atol=atol,
+        torch.testing.assert_close(b.double(), b_ref.double().reshape(b.shape), rtol=rtol, atol=atol,
                                    msg=lambda m, name=name: f"buffer {name}: {m}")

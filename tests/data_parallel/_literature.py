@@ -103,3 +103,20 @@ def assert_parity(actual: dict[str, Any], expected: dict[str, Any], atol: float,
         b = actual["buffers"][name]
         torch.testing.assert_close(b.double(), b_ref.double().reshape(b.shape), rtol=rtol, atol=atol,
                                    msg=lambda m, name=name: f"buffer {name}: {m}")
+
+
+def autograd_reference(
+    steps: list[Step], params: dict[str, torch.Tensor], state: dict[str, torch.Tensor],
+    fn: Callable[[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor], dict[str, torch.Tensor]],
+                 tuple[torch.Tensor, dict[str, torch.Tensor]]],
+) -> dict[str, Any]:
+    """Run a differentiable float64 reference ``fn(x, mask, params, state) -> (y, state)`` over the steps."""
+    leaves = {k: v.detach().double().clone().requires_grad_() for k, v in params.items()}
+    ys, dxs = [], []
+    for x, dy, mask in steps:
+        x64 = x.detach().double().clone().requires_grad_()
+        y, state = fn(x64, mask, leaves, state)
+        y.backward(dy.double())
+        ys.append(y.detach())
+        dxs.append(x64.grad)
+    return {"ys": ys, "dxs": dxs, "grads": {k: v.grad for k, v in leaves.items()}, "buffers": state}

@@ -111,13 +111,13 @@ def group_moments(
     xc = x.to(dtype).movedim(c_dim, 1)
     n, c = xc.shape[0], xc.shape[1]
     rest = xc.shape[2:]
-    xg = xc.reshape(n, groups, c // groups, -1)
+    xg = xc.reshape(n, groups, c // groups, rest.numel())  # explicit: an empty rank has n == 0
     if mask is None:
         cnt = torch.full((), float(xg.shape[2] * xg.shape[3]), dtype=dtype, device=x.device)
         mean = xg.mean((2, 3), keepdim=True)
         var = (xg - mean).square().mean((2, 3), keepdim=True)
     else:
-        w = mask.to(dtype).reshape(n, 1, 1, -1)
+        w = mask.to(dtype).reshape(n, 1, 1, rest.numel())
         cnt = (w.sum((2, 3), keepdim=True) * (c // groups)).clamp_min(1)
         mean = (xg * w).sum((2, 3), keepdim=True) / cnt
         var = ((xg - mean).square() * w).sum((2, 3), keepdim=True) / cnt

@@ -31,6 +31,10 @@ class BatchChannelNorm(nn.Module):
     running_mean: torch.Tensor
     running_var: torch.Tensor
     num_batches_tracked: torch.Tensor
+    weight: nn.Parameter | None
+    bias: nn.Parameter | None
+    cn_weight: nn.Parameter | None
+    cn_bias: nn.Parameter | None
 
     def __init__(
         self,
@@ -71,11 +75,9 @@ class BatchChannelNorm(nn.Module):
 
     def reset_parameters(self) -> None:
         self.reset_running_stats()
-        if self.affine:
-            nn.init.ones_(self.weight)
-            nn.init.zeros_(self.bias)
-            nn.init.ones_(self.cn_weight)
-            nn.init.zeros_(self.cn_bias)
+        for p, value in ((self.weight, 1.0), (self.bias, 0.0), (self.cn_weight, 1.0), (self.cn_bias, 0.0)):
+            if p is not None:
+                nn.init.constant_(p, value)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         check_input(x, self.num_features, self.channel_dim, mask, "BatchChannelNorm")

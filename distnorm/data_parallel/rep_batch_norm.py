@@ -146,14 +146,14 @@ class ProgressiveRepBN(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         check_input(x, self.num_features, self.channel_dim, mask, "ProgressiveRepBN")
-        y_bn = self.rep_bn(x, mask)
         if not self.training:
-            return y_bn
-        lam = progressive_lambda(self.step, self.warmup_steps, self.decay_steps)
-        y_ln = layer_norm_channels(x, self.layer_norm.weight, self.layer_norm.bias, self.layer_norm.eps, self.channel_dim)
+            return self.rep_bn(x, mask)
+        xs = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x  # one cast for both branches' grads
+        lam = progressive_lambda(self.step, self.warmup_steps, self.decay_steps).to(xs.dtype)
+        y_ln = layer_norm_channels(xs, self.layer_norm.weight, self.layer_norm.bias, self.layer_norm.eps, self.channel_dim)
+        y_bn = self.rep_bn(xs, mask)
         self.step.add_(1)
-        lam = lam.to(y_ln.dtype)
-        return (lam * y_ln + (1 - lam) * y_bn.to(y_ln.dtype)).to(x.dtype)
+        return (lam * y_ln + (1 - lam) * y_bn).to(x.dtype)
 
     def fold_scale_shift(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Eval form (pure RepBN) as a per-channel affine map; see :meth:`RepBatchNorm.fold_scale_shift`."""

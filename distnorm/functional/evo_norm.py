@@ -67,9 +67,10 @@ def evo_norm_b0(
     c_dim = channel_dim % x.dim()
     sdt = _stats_dtype(x)
     vs = vec_shape(x, c_dim)
+    xs = x.to(sdt)  # one cast: every path's gradient meets in the stats dtype
     if training:
         c = x.shape[c_dim]
-        sums = synced_sum(channel_sums(x, c_dim, mask, None, torch.float64), group)
+        sums = synced_sum(channel_sums(xs, c_dim, mask, None, torch.float64), group)
         n = sums[2 * c]
         check_nonempty(n.detach(), "EvoNormB0", group)
         mean = sums[:c] / n
@@ -81,8 +82,7 @@ def evo_norm_b0(
         var_b = var_b64.to(sdt)
     else:
         var_b = running_var.to(sdt)
-    xs = x.to(sdt)
-    _, var_i = group_moments(x, c_dim, x.shape[c_dim], mask, sdt)
+    _, var_i = group_moments(xs, c_dim, x.shape[c_dim], mask, sdt)
     den = torch.maximum(torch.sqrt(var_b + eps).view(vs), v.to(sdt).view(vs) * xs + torch.sqrt(var_i + eps))
     return _affine(xs / den, weight, bias, vs).to(x.dtype)
 
@@ -103,7 +103,7 @@ def evo_norm_s0(
     sdt = _stats_dtype(x)
     vs = vec_shape(x, c_dim)
     xs = x.to(sdt)
-    _, var_g = group_moments(x, c_dim, groups, mask, sdt)
+    _, var_g = group_moments(xs, c_dim, groups, mask, sdt)
     y = xs * torch.sigmoid(v.to(sdt).view(vs) * xs) * torch.rsqrt(var_g + eps)
     return _affine(y, weight, bias, vs).to(x.dtype)
 

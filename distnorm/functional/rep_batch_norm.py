@@ -66,7 +66,7 @@ def synced_batch_norm(
     xs = x.to(sdt)
     if training:
         shift = running_mean.detach().to(sdt)
-        sums = synced_sum(channel_sums(x, c_dim, mask, shift, sdt), group)
+        sums = synced_sum(channel_sums(xs, c_dim, mask, shift, sdt), group)
         c = x.shape[c_dim]
         n = sums[2 * c]
         check_nonempty(n.detach(), where, group)
@@ -110,10 +110,11 @@ def rep_batch_norm(
     Collectives: those of :func:`synced_batch_norm` (training, P > 1: 1 all-reduce of ``2C + 1``
     numbers each way); none in eval.
     """
-    y = synced_batch_norm(x, weight, bias, running_mean, running_var, num_batches_tracked, training=training,
+    xs = x.to(_stats_dtype(x))  # one cast: every path's gradient meets in the stats dtype
+    y = synced_batch_norm(xs, weight, bias, running_mean, running_var, num_batches_tracked, training=training,
                           momentum=momentum, eps=eps, channel_dim=channel_dim, mask=mask, group=group,
                           where="RepBatchNorm")
-    return (y + alpha.to(y.dtype) * x.to(y.dtype)).to(x.dtype)
+    return (y + alpha.to(y.dtype) * xs).to(x.dtype)
 
 
 def progressive_lambda(step: torch.Tensor, warmup_steps: int, decay_steps: int) -> torch.Tensor:

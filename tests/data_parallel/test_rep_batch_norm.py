@@ -6,7 +6,7 @@ import torch.distributed as dist
 
 from distnorm.data_parallel.rep_batch_norm import ProgressiveRepBN, RepBatchNorm
 from distnorm.functional.rep_batch_norm import progressive_rep_bn_ref, rep_batch_norm_ref
-from distnorm.testing import simulate, spawn
+from distnorm.testing import simulate
 from tests.data_parallel._literature import assert_parity, autograd_reference, gather, make_steps, perturb_, run_rank
 
 C, STEPS = 4, 6
@@ -75,11 +75,6 @@ def test_progressive_rep_bn_float32_ranks_match_one_process():
     out = gather(simulate(4, run_rank, 4, _prep_bn, {}, steps, torch.float32, timeout=60))
     assert_parity(out, one, atol=1e-5, rtol=1e-5)
 
-
-def test_progressive_rep_bn_real_processes():
-    steps = make_steps(STEPS, C, 1, False, seed=3)
-    out = gather(spawn(2, run_rank, 2, _prep_bn, {"channel_dim": 1}, steps, torch.float64, timeout=120))
-    assert_parity(out, _prep_bn_reference(steps, 1), atol=1e-10)
 
 
 def test_progressive_rep_bn_resumes_its_schedule_from_the_state_dict():

@@ -54,3 +54,13 @@ def test_running_stat_buffers_name_real_float_buffers(cls, kw):
     assert isinstance(cls.running_stat_buffers, tuple)
     for name in cls.running_stat_buffers:
         assert buffers[name].dtype == torch.float32 and buffers[name].shape == (4,), name
+
+
+@pytest.mark.parametrize("cls", [PowerNorm, UnifiedNorm])
+def test_approximate_backward_state_survives_two_forwards_before_backward(cls):
+    """Gradient accumulation: the backward-updated ema_gz is not a saved tensor (no version error)."""
+    norm = cls(4, warmup_iters=0)
+    x1, x2 = torch.randn(2, 3, 4, requires_grad=True), torch.randn(2, 3, 4, requires_grad=True)
+    (norm(x1).square().sum() + norm(x2).square().sum()).backward()
+    assert int(norm.num_batches_tracked) == 2 and bool(norm.ema_gz.abs().sum() > 0)
+    assert x1.grad is not None and x2.grad is not None

@@ -75,7 +75,7 @@ def synced_batch_norm(
         mean = shift + d
         with torch.no_grad():
             num_batches_tracked.add_(1)
-            factor = 1.0 / num_batches_tracked.to(sdt) if momentum is None else torch.tensor(momentum, dtype=sdt)
+            factor = 1.0 / num_batches_tracked.to(sdt) if momentum is None else momentum
             unbiased = var * n / (n - 1).clamp_min(1)
             running_mean.copy_((1 - factor) * running_mean.to(sdt) + factor * mean)
             running_var.copy_((1 - factor) * running_var.to(sdt) + factor * unbiased)

@@ -175,6 +175,8 @@ class SequenceParallelRMSNorm(SequenceParallelNorm):
     (``grad_sync="backward"``), or none (``"deferred"``). ``group`` None or P == 1: none.
     """
 
+    has_bias_option = False
+
     def __init__(self, normalized_shape: int, eps: float = 1e-6, elementwise_affine: bool = True, *,
                  zero_centered_gamma: bool = False, output_scale: float = 1.0, grad_sync: str = "backward",
                  group: Group = None, dtype: torch.dtype | None = None,

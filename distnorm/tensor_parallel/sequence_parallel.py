@@ -97,9 +97,9 @@ def sequence_parallel_norm(
 
     ``x [*, H]`` (this rank's tokens) -> ``y [*, H]`` in ``x.dtype``; ``weight``/``bias [H]``.
     Collectives (P > 1): fwd none; bwd with ``grad_sync="backward"`` 1 all-reduce of the flat
-    ``[dw, db]`` in the stats dtype (4 B per parameter element, 8 for float64 inputs) per call
-    (not per token), none with
-    ``"deferred"`` (see :func:`sync_sequence_parallel_grads`). ``group`` None or P == 1: none.
+    ``[dw, db]`` in the stats dtype (4 B per parameter element, 8 for float64 inputs) per call,
+    not per token; none with ``"deferred"`` (see :func:`sync_sequence_parallel_grads`).
+    ``group`` None or P == 1: none.
     """
     if grad_sync not in GRAD_SYNC_MODES:
         raise ValueError(f"grad_sync must be one of {GRAD_SYNC_MODES}, got {grad_sync!r} {where(group)}")

@@ -35,7 +35,9 @@ shapes, strides and dtypes; :mod:`distnorm.kernels` dispatches to them and to th
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import threading
 from typing import cast
 
 import torch
@@ -222,6 +224,16 @@ def is_interpreted() -> bool:
     return isinstance(_norm_fwd_kernel, InterpretedFunction)
 
 
+_INTERPRETER_LOCK = threading.Lock()
+
+
+def launch_guard() -> contextlib.AbstractContextManager:
+    """Serialise launches under the interpreter, which patches ``triton.language`` process-wide while a
+    kernel runs (so two rank threads of ``distnorm.testing.simulate`` would trip over each other).
+    Compiled kernels launch without a lock."""
+    return _INTERPRETER_LOCK if is_interpreted() else contextlib.nullcontext()
+
+
 @functools.lru_cache(maxsize=16)
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
@@ -241,14 +253,20 @@ def _rank() -> int:
     return _global_rank()
 
 
-def _tile(n: int, dtype: torch.dtype, where: str) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps) for rows of ``n`` elements of ``dtype``."""
+def _tile(n: int, dtype: torch.dtype, where: str, *, bwd: bool = False) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps) for rows of ``n`` elements of ``dtype``.
+
+    The forward holds ~16 fp32 values of a tile per thread (512 elements per warp); the backward
+    keeps x, dy, w and the dW/dB accumulators live, so it gets twice the warps (8 values per
+    thread) to stay under the register budget that lets 16+ warps share an SM (see
+    ``benchmarks/kernel_resources.py`` for the per-variant register counts).
+    """
     block_n = triton.next_power_of_2(n)
     elem = torch.finfo(dtype).bits // 8
     if n * elem > MAX_ROW_BYTES:
         fail(ValueError, where, "x2d.shape[1]", n, f"a row of at most {MAX_ROW_BYTES} bytes ({MAX_ROW_BYTES // elem} elements of {dtype})")
     block_m = max(1, min(128, 2048 // block_n))
-    num_warps = min(max(block_m * block_n // 512, 1), 32)
+    num_warps = min(max(block_m * block_n // (256 if bwd else 512), 1), 32)
     return block_m, block_n, num_warps
 
 
@@ -298,23 +316,24 @@ def norm_fwd(
         rstd = torch.empty((t,), dtype=torch.float32, device=x2d.device)
         mean = None if rms else torch.empty((t,), dtype=torch.float32, device=x2d.device)
     if t > 0:
-        _norm_fwd_kernel[(triton.cdiv(t, block_m),)](
-            x2d, residual, residual_out, weight, bias, y, mean, rstd,
-            x2d.stride(0),
-            residual.stride(0) if residual is not None else 0,
-            residual_out.stride(0) if residual_out is not None else 0,
-            y.stride(0),
-            t, n, float(eps), float(output_scale),
-            IS_RMS_NORM=rms,
-            HAS_RESIDUAL=residual is not None,
-            HAS_WEIGHT=weight is not None,
-            HAS_BIAS=bias is not None,
-            ZERO_CENTERED_GAMMA=zero_centered_gamma,
-            STATS_GIVEN=stats_given,
-            BLOCK_M=block_m,
-            BLOCK_N=block_n,
-            num_warps=num_warps,
-        )
+        with launch_guard():
+            _norm_fwd_kernel[(triton.cdiv(t, block_m),)](
+                x2d, residual, residual_out, weight, bias, y, mean, rstd,
+                x2d.stride(0),
+                residual.stride(0) if residual is not None else 0,
+                residual_out.stride(0) if residual_out is not None else 0,
+                y.stride(0),
+                t, n, float(eps), float(output_scale),
+                IS_RMS_NORM=rms,
+                HAS_RESIDUAL=residual is not None,
+                HAS_WEIGHT=weight is not None,
+                HAS_BIAS=bias is not None,
+                ZERO_CENTERED_GAMMA=zero_centered_gamma,
+                STATS_GIVEN=stats_given,
+                BLOCK_M=block_m,
+                BLOCK_N=block_n,
+                num_warps=num_warps,
+            )
     return y, mean, rstd, residual_out
 
 
@@ -356,7 +375,7 @@ def norm_bwd(
     n_sums = 1 if rms else 2
     if sums is not None:
         check_stats(sums, "sums", t, x2d.device, where, width=n_sums)
-    block_m, block_n, num_warps = _tile(n, x2d.dtype, where)
+    block_m, block_n, num_warps = _tile(n, x2d.dtype, where, bwd=True)
     programs = _bwd_programs(t, block_m, x2d.device)
     rows_per_program = triton.cdiv(triton.cdiv(t, programs), block_m) * block_m
     device = x2d.device
@@ -366,27 +385,28 @@ def norm_bwd(
     db_partial = torch.empty((programs, n), dtype=acc_dtype, device=device) if compute_db else None
     sums_out = torch.empty((t, n_sums), dtype=torch.float32, device=device) if store_sums else None
     if t > 0:
-        _norm_bwd_kernel[(programs,)](
-            x2d, weight, dy, dx, dresidual, dw_partial, db_partial, mean, rstd,
-            sums if sums is not None else sums_out,
-            x2d.stride(0), dy.stride(0),
-            dx.stride(0) if dx is not None else 0,
-            dresidual.stride(0) if dresidual is not None else 0,
-            t, n, float(n_total if n_total is not None else n), float(output_scale), rows_per_program,
-            IS_RMS_NORM=rms,
-            HAS_WEIGHT=weight is not None,
-            ZERO_CENTERED_GAMMA=zero_centered_gamma,
-            HAS_DRESIDUAL=dresidual is not None,
-            COMPUTE_DW=compute_dw,
-            COMPUTE_DB=compute_db,
-            STORE_DX=store_dx,
-            STORE_SUMS=store_sums,
-            SUMS_GIVEN=sums is not None,
-            ACC_DTYPE=tl.float64 if acc_dtype == torch.float64 else tl.float32,
-            BLOCK_M=block_m,
-            BLOCK_N=block_n,
-            num_warps=num_warps,
-        )
+        with launch_guard():
+            _norm_bwd_kernel[(programs,)](
+                x2d, weight, dy, dx, dresidual, dw_partial, db_partial, mean, rstd,
+                sums if sums is not None else sums_out,
+                x2d.stride(0), dy.stride(0),
+                dx.stride(0) if dx is not None else 0,
+                dresidual.stride(0) if dresidual is not None else 0,
+                t, n, float(n_total if n_total is not None else n), float(output_scale), rows_per_program,
+                IS_RMS_NORM=rms,
+                HAS_WEIGHT=weight is not None,
+                ZERO_CENTERED_GAMMA=zero_centered_gamma,
+                HAS_DRESIDUAL=dresidual is not None,
+                COMPUTE_DW=compute_dw,
+                COMPUTE_DB=compute_db,
+                STORE_DX=store_dx,
+                STORE_SUMS=store_sums,
+                SUMS_GIVEN=sums is not None,
+                ACC_DTYPE=tl.float64 if acc_dtype == torch.float64 else tl.float32,
+                BLOCK_M=block_m,
+                BLOCK_N=block_n,
+                num_warps=num_warps,
+            )
     grad_dtype = weight.dtype if weight is not None else torch.float32
     dw = None
     db = None

@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from distnorm.kernels._checks import check_2d, check_stats, fail
-from distnorm.kernels.norm import _check_device, _tile, norm_bwd, norm_fwd
+from distnorm.kernels.norm import _check_device, _tile, launch_guard, norm_bwd, norm_fwd
 
 __all__ = ["norm_bwd_finish", "norm_bwd_partial", "norm_fwd_with_stats", "norm_partial_stats"]
 
@@ -63,16 +63,16 @@ def norm_partial_stats(x2d: torch.Tensor, *, rms: bool) -> torch.Tensor:
     Σ(x - mean_local)², LayerNorm). Reads x once.
     """
     where = "norm_partial_stats"
-
     t, n = check_2d(x2d, "x2d", where)
     _check_device(x2d, where)
     block_m, block_n, num_warps = _tile(n, x2d.dtype, where)
     stats = torch.empty((t, 1 if rms else 2), dtype=torch.float32, device=x2d.device)
     if t > 0:
-        _partial_stats_kernel[(triton.cdiv(t, block_m),)](
-            x2d, stats, x2d.stride(0), t, n,
-            IS_RMS_NORM=rms, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
-        )
+        with launch_guard():
+            _partial_stats_kernel[(triton.cdiv(t, block_m),)](
+                x2d, stats, x2d.stride(0), t, n,
+                IS_RMS_NORM=rms, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
+            )
     return stats
 
 

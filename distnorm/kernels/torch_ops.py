@@ -92,7 +92,10 @@ def _param_grad(t: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
     return t.sum(0, dtype=torch.float64).to(weight.dtype if weight is not None else torch.float32)
 
 
-def layer_norm_fwd(x2d, weight, bias, eps, *, zero_centered_gamma=False, output_scale=1.0):
+def layer_norm_fwd(
+    x2d: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float, *, zero_centered_gamma: bool = False,
+    output_scale: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """LayerNorm forward: ``x2d [T, N] -> (y [T, N] x.dtype, mean [T] fp32, rstd [T] fp32)``."""
     where = "layer_norm_fwd"
     _, n = _check_x(x2d, where)
@@ -106,7 +109,10 @@ def layer_norm_fwd(x2d, weight, bias, eps, *, zero_centered_gamma=False, output_
     return y.to(x2d.dtype), _stats(mean, x2d), _stats(rstd, x2d)
 
 
-def layer_norm_bwd(dy, x2d, weight, mean, rstd, *, zero_centered_gamma=False, output_scale=1.0, has_bias=True):
+def layer_norm_bwd(
+    dy: torch.Tensor, x2d: torch.Tensor, weight: torch.Tensor | None, mean: torch.Tensor, rstd: torch.Tensor, *, zero_centered_gamma: bool = False,
+    output_scale: float = 1.0, has_bias: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """LayerNorm backward: ``(dx [T, N] dy.dtype, dw [N] | None, db [N] | None)``."""
     where = "layer_norm_bwd"
     _, n = _check_x(x2d, where)
@@ -122,7 +128,9 @@ def layer_norm_bwd(dy, x2d, weight, mean, rstd, *, zero_centered_gamma=False, ou
     return dx.to(dy.dtype), dw, db
 
 
-def rms_norm_fwd(x2d, weight, eps, *, zero_centered_gamma=False, output_scale=1.0):
+def rms_norm_fwd(
+    x2d: torch.Tensor, weight: torch.Tensor | None, eps: float, *, zero_centered_gamma: bool = False, output_scale: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """RMSNorm forward: ``x2d [T, N] -> (y [T, N] x.dtype, rstd [T] fp32)``."""
     where = "rms_norm_fwd"
     _, n = _check_x(x2d, where)
@@ -133,7 +141,9 @@ def rms_norm_fwd(x2d, weight, eps, *, zero_centered_gamma=False, output_scale=1.
     return y.to(x2d.dtype), _stats(rstd, x2d)
 
 
-def rms_norm_bwd(dy, x2d, weight, rstd, *, zero_centered_gamma=False, output_scale=1.0):
+def rms_norm_bwd(
+    dy: torch.Tensor, x2d: torch.Tensor, weight: torch.Tensor | None, rstd: torch.Tensor, *, zero_centered_gamma: bool = False, output_scale: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """RMSNorm backward: ``(dx [T, N] dy.dtype, dw [N] | None)``."""
     where = "rms_norm_bwd"
     _, n = _check_x(x2d, where)
@@ -147,7 +157,10 @@ def rms_norm_bwd(dy, x2d, weight, rstd, *, zero_centered_gamma=False, output_sca
     return dx.to(dy.dtype), dw
 
 
-def add_rms_norm_fwd(x2d, residual2d, weight, eps, *, zero_centered_gamma=False, output_scale=1.0):
+def add_rms_norm_fwd(
+    x2d: torch.Tensor, residual2d: torch.Tensor, weight: torch.Tensor | None, eps: float, *, zero_centered_gamma: bool = False,
+    output_scale: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Residual add + RMSNorm: ``(y x.dtype, residual_out residual.dtype, rstd [T] fp32)``."""
     where = "add_rms_norm_fwd"
     _check_x(x2d, where)
@@ -160,7 +173,10 @@ def add_rms_norm_fwd(x2d, residual2d, weight, eps, *, zero_centered_gamma=False,
     return y.to(x2d.dtype), residual_out, rstd
 
 
-def add_rms_norm_bwd(dy, dresidual_out, residual_out, weight, rstd, *, zero_centered_gamma=False, output_scale=1.0):
+def add_rms_norm_bwd(
+    dy: torch.Tensor, dresidual_out: torch.Tensor | None, residual_out: torch.Tensor, weight: torch.Tensor | None, rstd: torch.Tensor, *,
+    zero_centered_gamma: bool = False, output_scale: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Backward of :func:`add_rms_norm_fwd`: ``(dx (= dresidual) [T, N] dy.dtype, dw | None)``."""
     if dresidual_out is not None:
         check_2d(dresidual_out, "dresidual_out", "add_rms_norm_bwd", like=dy, same_dtype=False, dtypes=_DTYPES)
@@ -175,7 +191,7 @@ def add_rms_norm_bwd(dy, dresidual_out, residual_out, weight, rstd, *, zero_cent
 # sharded pieces (see distnorm.kernels.sharded for the protocol)
 
 
-def norm_partial_stats(x2d, *, rms):
+def norm_partial_stats(x2d: torch.Tensor, *, rms: bool) -> torch.Tensor:
     """``x2d [T, H_local] -> [T, 1]`` (Σx²) or ``[T, 2]`` (local mean, local M2), float32."""
     _check_x(x2d, "norm_partial_stats")
     x = _acc(x2d)
@@ -185,7 +201,10 @@ def norm_partial_stats(x2d, *, rms):
     return _stats(torch.cat([mean, (x - mean).square().sum(-1, keepdim=True)], dim=-1), x2d)
 
 
-def norm_fwd_with_stats(x2d, mean, rstd, weight, bias, *, zero_centered_gamma=False, output_scale=1.0):
+def norm_fwd_with_stats(
+    x2d: torch.Tensor, mean: torch.Tensor | None, rstd: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, *, zero_centered_gamma: bool = False,
+    output_scale: float = 1.0,
+) -> torch.Tensor:
     """Normalise with externally reduced ``mean`` (None = RMSNorm) and ``rstd``: ``y`` in x's dtype."""
     where = "norm_fwd_with_stats"
     _, n = _check_x(x2d, where)
@@ -200,7 +219,7 @@ def norm_fwd_with_stats(x2d, mean, rstd, weight, bias, *, zero_centered_gamma=Fa
     return y.to(x2d.dtype)
 
 
-def _x_hat(x2d, mean, rstd, where):
+def _x_hat(x2d: torch.Tensor, mean: torch.Tensor | None, rstd: torch.Tensor, where: str) -> torch.Tensor:
     _check_stats(rstd, "rstd", x2d, where)
     x = _acc(x2d)
     if mean is not None:
@@ -209,7 +228,10 @@ def _x_hat(x2d, mean, rstd, where):
     return x * rstd.to(x.dtype)[:, None]
 
 
-def norm_bwd_partial(dy, x2d, weight, mean, rstd, *, zero_centered_gamma=False, output_scale=1.0, has_bias=True):
+def norm_bwd_partial(
+    dy: torch.Tensor, x2d: torch.Tensor, weight: torch.Tensor | None, mean: torch.Tensor | None, rstd: torch.Tensor, *, zero_centered_gamma: bool = False,
+    output_scale: float = 1.0, has_bias: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """``(sums fp32 [T, 2] (Σg, Σg·x̂) | [T, 1] (Σg·x̂), dw | None, db | None)`` of this shard."""
     where = "norm_bwd_partial"
     _, n = _check_x(x2d, where)
@@ -226,7 +248,10 @@ def norm_bwd_partial(dy, x2d, weight, mean, rstd, *, zero_centered_gamma=False, 
     return _stats(sums, x2d), dw, db
 
 
-def norm_bwd_finish(dy, x2d, weight, mean, rstd, sums, n_total, *, zero_centered_gamma=False, output_scale=1.0):
+def norm_bwd_finish(
+    dy: torch.Tensor, x2d: torch.Tensor, weight: torch.Tensor | None, mean: torch.Tensor | None, rstd: torch.Tensor, sums: torch.Tensor, n_total: int, *,
+    zero_centered_gamma: bool = False, output_scale: float = 1.0,
+) -> torch.Tensor:
     """``dx [T, H_local]`` in dy's dtype from the all-reduced ``sums`` over ``n_total`` elements."""
     where = "norm_bwd_finish"
     _, n = _check_x(x2d, where)

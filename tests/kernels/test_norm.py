@@ -199,3 +199,17 @@ def test_empty_batch(kernel_device):
     y = K.rms_norm(x, w, backend="triton")
     y.sum().backward()
     assert y.shape == (0, 127) and torch.equal(w.grad, torch.zeros(127))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_row_strided_inputs_equal_contiguous(backend, kernel_device):
+    """Launchers take any row stride (a column slice of a wider buffer) without copying."""
+    wide = torch.randn(9, 200, device=kernel_device, dtype=torch.bfloat16)
+    x, dy = wide[:, :127], wide[:, 50:177]
+    w = torch.randn(127, device=kernel_device, dtype=torch.bfloat16)
+    y, mean, rstd = K.layer_norm_fwd(x, w, None, EPS, backend=backend)
+    y_c, mean_c, rstd_c = K.layer_norm_fwd(x.contiguous(), w, None, EPS, backend=backend)
+    assert torch.equal(y, y_c) and torch.equal(mean, mean_c) and torch.equal(rstd, rstd_c)
+    grads = K.layer_norm_bwd(dy, x, w, mean, rstd, has_bias=False, backend=backend)
+    grads_c = K.layer_norm_bwd(dy.contiguous(), x.contiguous(), w, mean, rstd, has_bias=False, backend=backend)
+    assert torch.equal(grads[0], grads_c[0]) and torch.equal(grads[1], grads_c[1]) and grads[2] is None

@@ -8,7 +8,7 @@ from torch import nn
 from distnorm import comm
 from distnorm.comm import Group
 from distnorm.data_parallel._nonfinite import guard_running_stats, init_nonfinite_guard
-from distnorm.functional._norm_utils import check_input, rank_of
+from distnorm.functional._norm_utils import check_args, check_input, rank_of
 from distnorm.functional.batch_channel_norm import batch_channel_norm
 
 __all__ = ["BatchChannelNorm"]
@@ -56,6 +56,7 @@ class BatchChannelNorm(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        check_args("BatchChannelNorm", group, num_features, eps)
         if num_groups < 1 or num_features % num_groups:
             raise ValueError(f"BatchChannelNorm: num_groups must divide num_features={num_features}, got "
                              f"{num_groups} (rank {rank_of(group)})")
@@ -87,7 +88,7 @@ class BatchChannelNorm(nn.Module):
                 nn.init.constant_(p, value)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        check_input(x, self.num_features, self.channel_dim, mask, "BatchChannelNorm")
+        check_input(x, self.num_features, self.channel_dim, mask, "BatchChannelNorm", self)
         return guard_running_stats(self, lambda: batch_channel_norm(
             x, self.weight, self.bias, self.cn_weight, self.cn_bias, self.running_mean, self.running_var,
             self.num_batches_tracked, num_groups=self.num_groups, training=self.training, momentum=self.momentum,

@@ -8,7 +8,7 @@ from torch import nn
 from distnorm import comm
 from distnorm.comm import Group
 from distnorm.data_parallel._nonfinite import guard_running_stats, init_nonfinite_guard
-from distnorm.functional._norm_utils import check_input, rank_of
+from distnorm.functional._norm_utils import check_args, check_input, rank_of
 from distnorm.functional.evo_norm import evo_norm_b0, evo_norm_s0
 
 __all__ = ["EvoNormB0", "EvoNormS0"]
@@ -47,6 +47,7 @@ class EvoNormB0(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        check_args("EvoNormB0", group, num_features, eps)
         if not 0.0 <= momentum <= 1.0:
             raise ValueError(f"EvoNormB0: momentum must be in [0, 1], got {momentum} (rank {rank_of(group)})")
         factory = {"device": device, "dtype": dtype}
@@ -71,7 +72,7 @@ class EvoNormB0(nn.Module):
         nn.init.ones_(self.v)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        check_input(x, self.num_features, self.channel_dim, mask, "EvoNormB0")
+        check_input(x, self.num_features, self.channel_dim, mask, "EvoNormB0", self)
         return guard_running_stats(self, lambda: evo_norm_b0(
             x, self.weight, self.bias, self.v, self.running_var, self.num_batches_tracked, training=self.training,
             momentum=self.momentum, eps=self.eps, channel_dim=self.channel_dim, mask=mask, group=self.group))
@@ -104,6 +105,7 @@ class EvoNormS0(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        check_args("EvoNormS0", group, num_features, eps)
         if groups < 1 or num_features % groups:
             raise ValueError(f"EvoNormS0: groups must divide num_features={num_features}, got {groups} "
                              f"(rank {rank_of(group)})")
@@ -121,7 +123,7 @@ class EvoNormS0(nn.Module):
         nn.init.ones_(self.v)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        check_input(x, self.num_features, self.channel_dim, mask, "EvoNormS0")
+        check_input(x, self.num_features, self.channel_dim, mask, "EvoNormS0", self)
         return evo_norm_s0(x, self.weight, self.bias, self.v, groups=self.groups, eps=self.eps,
                            channel_dim=self.channel_dim, mask=mask)
 

@@ -8,7 +8,7 @@ from torch import nn
 from distnorm import comm
 from distnorm.comm import Group
 from distnorm.data_parallel._nonfinite import guard_running_stats, init_nonfinite_guard
-from distnorm.functional._norm_utils import check_input, rank_of
+from distnorm.functional._norm_utils import check_args, check_input, rank_of
 from distnorm.functional.power_norm import power_norm
 
 __all__ = ["PowerNorm"]
@@ -57,6 +57,7 @@ class PowerNorm(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        check_args("PowerNorm", group, num_features, eps)
         if num_features < 1:
             raise ValueError(f"PowerNorm: num_features must be >= 1, got {num_features} (rank {rank_of(group)})")
         for name, value in (("alpha_fwd", alpha_fwd), ("alpha_bkw", alpha_bkw)):
@@ -95,7 +96,7 @@ class PowerNorm(nn.Module):
             nn.init.zeros_(self.bias)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        check_input(x, self.num_features, self.channel_dim, mask, "PowerNorm")
+        check_input(x, self.num_features, self.channel_dim, mask, "PowerNorm", self)
         return guard_running_stats(self, lambda: power_norm(
             x, self.weight, self.bias, self.running_phi, self.ema_gz, self.num_batches_tracked,
             training=self.training, eps=self.eps, alpha_fwd=self.alpha_fwd, alpha_bkw=self.alpha_bkw,

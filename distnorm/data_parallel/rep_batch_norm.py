@@ -8,7 +8,7 @@ from torch import nn
 from distnorm import comm
 from distnorm.comm import Group
 from distnorm.data_parallel._nonfinite import guard_running_stats, init_nonfinite_guard
-from distnorm.functional._norm_utils import check_input, rank_of
+from distnorm.functional._norm_utils import check_args, check_input, rank_of
 from distnorm.functional.rep_batch_norm import layer_norm_channels, progressive_lambda, rep_batch_norm
 
 __all__ = ["ProgressiveRepBN", "RepBatchNorm"]
@@ -51,8 +51,9 @@ class RepBatchNorm(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        if num_features < 1:
-            raise ValueError(f"RepBatchNorm: num_features must be >= 1, got {num_features} (rank {rank_of(group)})")
+        check_args("RepBatchNorm", group, num_features, eps)
+        if momentum is not None and not 0.0 <= momentum <= 1.0:
+            raise ValueError(f"RepBatchNorm: momentum must be None or in [0, 1], got {momentum} (rank {rank_of(group)})")
         factory = {"device": device, "dtype": dtype}
         self.num_features, self.eps, self.momentum, self.affine = num_features, eps, momentum, affine
         self.group, self.channel_dim = group, channel_dim
@@ -82,7 +83,7 @@ class RepBatchNorm(nn.Module):
             nn.init.zeros_(self.bias)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        check_input(x, self.num_features, self.channel_dim, mask, "RepBatchNorm")
+        check_input(x, self.num_features, self.channel_dim, mask, "RepBatchNorm", self)
         return guard_running_stats(self, lambda: rep_batch_norm(
             x, self.weight, self.bias, self.alpha, self.running_mean, self.running_var, self.num_batches_tracked,
             training=self.training, momentum=self.momentum, eps=self.eps, channel_dim=self.channel_dim, mask=mask,
@@ -158,7 +159,7 @@ class ProgressiveRepBN(nn.Module):
         self.register_buffer("step", torch.zeros((), device=device, dtype=torch.long))
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        check_input(x, self.num_features, self.channel_dim, mask, "ProgressiveRepBN")
+        check_input(x, self.num_features, self.channel_dim, mask, "ProgressiveRepBN", self)
         if not self.training:
             return self.rep_bn(x, mask)
         xs = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x  # one cast for both branches' grads

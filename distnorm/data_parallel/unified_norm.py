@@ -8,7 +8,7 @@ from torch import nn
 from distnorm import comm
 from distnorm.comm import Group
 from distnorm.data_parallel._nonfinite import guard_running_stats, init_nonfinite_guard
-from distnorm.functional._norm_utils import check_input, rank_of
+from distnorm.functional._norm_utils import check_args, check_input, rank_of
 from distnorm.functional.unified_norm import unified_norm
 
 __all__ = ["UnifiedNorm"]
@@ -60,6 +60,7 @@ class UnifiedNorm(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        check_args("UnifiedNorm", group, num_features, eps)
         if num_features < 1:
             raise ValueError(f"UnifiedNorm: num_features must be >= 1, got {num_features} (rank {rank_of(group)})")
         if not isinstance(window_size, int) or window_size < 1:
@@ -98,7 +99,7 @@ class UnifiedNorm(nn.Module):
             nn.init.zeros_(self.bias)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        check_input(x, self.num_features, self.channel_dim, mask, "UnifiedNorm")
+        check_input(x, self.num_features, self.channel_dim, mask, "UnifiedNorm", self)
         state = (self.running_var, self.ema_gz, self.num_batches_tracked, self.buffer_x2, self.buffer_gz, self.skip_counter)
         return guard_running_stats(self, lambda: unified_norm(
             x, self.weight, self.bias, state, training=self.training, eps=self.eps, momentum=self.momentum,

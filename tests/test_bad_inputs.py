@@ -33,6 +33,8 @@ from distnorm.tensor_parallel import (
     layer_norm_scaling,
 )
 from distnorm.testing import simulate, split_for_world
+from tests.test_checkpoint_safety import C as DP_C
+from tests.test_checkpoint_safety import _dp_norms
 
 H = 8
 TIMEOUT = 60
@@ -266,6 +268,132 @@ def test_column_parallel_sequence_parallel_wrong_token_shard():
 
 
 # --------------------------------------------------------------------------------------------
+# Running-statistics norms: x [B, T, C] (channel_dim=-1) or [N, C, L] (channel_dim=1)
+# --------------------------------------------------------------------------------------------
+
+DP_NORMS = _dp_norms()  # name -> (factory, global input shape); C = 6 channels
+
+
+def _dp(name, **kw):
+    return DP_NORMS[name][0](**kw)
+
+
+def _dp_cdim(name):
+    return 1 if DP_NORMS[name][1][1] == DP_C else -1
+
+
+@pytest.mark.parametrize("name", DP_NORMS)
+@pytest.mark.parametrize("kind", ["wrong_channels", "one_dim", "int_dtype", "not_a_tensor", "mask_shape", "mask_dtype"])
+def test_dp_norm_bad_input(name, kind):
+    shape = list(DP_NORMS[name][1])
+    c_dim = _dp_cdim(name)
+    no_c = [s for i, s in enumerate(shape) if i != c_dim % len(shape)]
+    wrong = list(shape)
+    wrong[c_dim] = DP_C + 1
+    cls = name
+    cases = {
+        "wrong_channels": ((torch.randn(wrong),), ValueError, rf"{cls}: input has 7 channels on channel_dim={c_dim}, expected num_features=6"),
+        "one_dim": ((torch.randn(DP_C),), ValueError, rf"{cls}: input must have at least 2 dims .*got shape \(6,\)"),
+        "int_dtype": ((torch.ones(shape, dtype=torch.int64),), TypeError, rf"{cls}: input must be a floating-point tensor, got torch.int64"),
+        "not_a_tensor": (([1.0],), TypeError, rf"{cls}: input must be a floating-point tensor, got list"),
+        "mask_shape": ((torch.randn(shape), torch.ones(3, 2, dtype=torch.bool)), ValueError, rf"{cls}: mask must be a bool tensor .*got torch.bool \(3, 2\)"),
+        "mask_dtype": ((torch.randn(shape), torch.ones(no_c)), ValueError, rf"{cls}: mask must be a bool tensor .*got torch.float32"),
+    }
+    args, exc, msg = cases[kind]
+    with pytest.raises(exc, match=msg + r".*\(.*rank 0\)"):
+        _dp(name)(*args)
+
+
+@pytest.mark.parametrize("name", DP_NORMS)
+def test_dp_norm_mixed_devices(name):
+    with pytest.raises(ValueError, match=rf"{name}: input must be on the module's device meta, got cpu \(rank 0\)"):
+        _dp(name, device="meta")(torch.randn(DP_NORMS[name][1]))
+
+
+@pytest.mark.parametrize("name", DP_NORMS)
+@pytest.mark.parametrize("eps", [-1.0, float("nan"), float("inf"), "1e-5"], ids=["negative", "nan", "inf", "str"])
+def test_dp_norm_invalid_eps(name, eps):
+    owner = "RepBatchNorm" if name == "ProgressiveRepBN" else name  # built by its RepBatchNorm branch
+    with pytest.raises(ValueError, match=rf"{owner}: eps must be a finite float >= 0, got {eps!r} \(rank 0\)"):
+        _dp(name, eps=eps)
+
+
+MOMENTUM_NORMS = ["UnifiedNorm", "RepBatchNorm", "ProgressiveRepBN", "BatchChannelNorm", "EvoNormB0", "SyncBatchNorm"]
+
+
+@pytest.mark.parametrize("name", MOMENTUM_NORMS)
+@pytest.mark.parametrize("momentum", [-0.1, 1.5])
+def test_dp_norm_invalid_momentum(name, momentum):
+    if name not in DP_NORMS:
+        pytest.skip(f"{name} has not landed in this checkout")
+    with pytest.raises(ValueError, match=rf"momentum must be .*got {momentum} \(rank 0\)"):
+        _dp(name, momentum=momentum)
+
+
+@pytest.mark.parametrize("arg", ["alpha_fwd", "alpha_bkw"])  # PowerNorm's momenta
+def test_power_norm_invalid_alpha(arg):
+    with pytest.raises(ValueError, match=rf"PowerNorm: {arg} must be in \[0, 1\), got 1.5 \(rank 0\)"):
+        _dp("PowerNorm", **{arg: 1.5})
+
+
+def test_evo_norm_s0_per_sample_norm():
+    from distnorm.data_parallel.evo_norm import EvoNormS0
+
+    with pytest.raises(ValueError, match=r"EvoNormS0: input has 7 channels on channel_dim=1, expected num_features=8"):
+        EvoNormS0(8, groups=2)(torch.randn(2, 7, 3))
+    with pytest.raises(TypeError, match=r"EvoNormS0: input must be a floating-point tensor, got torch.int64 \(rank 0\)"):
+        EvoNormS0(8, groups=2)(torch.ones(2, 8, 3, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"EvoNormS0: input must be on the module's device meta, got cpu \(rank 0\)"):
+        EvoNormS0(8, groups=2, device="meta")(torch.randn(2, 8, 3))
+    with pytest.raises(ValueError, match=r"EvoNormS0: eps must be a finite float >= 0, got -1.0 \(rank 0\)"):
+        EvoNormS0(8, groups=2, eps=-1.0)
+    with pytest.raises(ValueError, match=r"EvoNormS0: groups must divide num_features=8, got 3"):
+        EvoNormS0(8, groups=3)
+    with pytest.raises(TypeError, match=r"group must be a torch.distributed.ProcessGroup or None, got int 2"):
+        EvoNormS0(8, groups=2, group=2)
+    assert EvoNormS0(8, groups=2)(torch.randn(0, 8, 3)).shape == (0, 8, 3)  # per sample: empty is fine
+
+
+@pytest.mark.parametrize("name", DP_NORMS)
+def test_dp_norm_wrong_group_type(name):
+    with pytest.raises(TypeError, match=r"group must be a torch.distributed.ProcessGroup or None, got int 2 \(rank 0\)"):
+        _dp(name, group=2)
+
+
+@pytest.mark.parametrize("name", DP_NORMS)
+def test_dp_norm_zero_size_input(name):
+    shape = list(DP_NORMS[name][1])
+    shape[0] = 0
+    norm = _dp(name)
+    assert norm.eval()(torch.randn(shape)).shape == tuple(shape)  # eval: an empty result
+    with pytest.raises(ValueError, match=r"the global batch has no real elements .*in training mode \(rank 0\)"):
+        norm.train()(torch.randn(shape))  # training: no statistics to take
+
+
+def _dp_empty_rank(rank, name, x_full, world):
+    norm = _dp(name, group=dist.group.WORLD, dtype=torch.float64)
+    x = split_for_world(x_full, world)[rank].clone().requires_grad_()
+    y = norm(x)
+    y.backward(torch.ones_like(y))
+    return y.detach(), x.grad, {k: v.clone() for k, v in norm.named_buffers()}
+
+
+@pytest.mark.parametrize("name", DP_NORMS)
+def test_dp_norm_rank_with_an_empty_local_batch(name):
+    shape = list(DP_NORMS[name][1])
+    shape[0] = 2  # 2 samples over 3 ranks: rank 2 holds none
+    x_full = torch.randn(shape, dtype=torch.float64)
+    outs = simulate(3, _dp_empty_rank, name, x_full, 3, timeout=TIMEOUT)
+    assert outs[2][0].shape[0] == 0
+    one = simulate(1, _dp_empty_rank, name, x_full, 1, timeout=TIMEOUT)[0]  # the same batch on one rank
+    torch.testing.assert_close(torch.cat([o[0] for o in outs]), one[0], rtol=0, atol=1e-12)
+    torch.testing.assert_close(torch.cat([o[1] for o in outs]), one[1], rtol=0, atol=1e-12)
+    for o in outs:  # the empty rank took part and holds the same statistics
+        for k, v in one[2].items():
+            torch.testing.assert_close(o[2][k], v, rtol=0, atol=1e-12, msg=k)
+
+
+# --------------------------------------------------------------------------------------------
 # Functions
 # --------------------------------------------------------------------------------------------
 
@@ -321,7 +449,7 @@ def test_count_collectives_zero_size_and_local_path():
 # --------------------------------------------------------------------------------------------
 
 COVERED = {
-    *(_NAME[n] for n in TP_NORMS), *LINEARS, *(c[0] for c in FUNCTION_CASES),
+    *(_NAME[n] for n in TP_NORMS), *LINEARS, *DP_NORMS, "EvoNormS0", *(c[0] for c in FUNCTION_CASES),
     "Topology", "init_distributed", "count_collectives",
 }
 # Public names with no input to get wrong, with the reason.

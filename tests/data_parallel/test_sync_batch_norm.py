@@ -80,7 +80,7 @@ def test_matches_one_process_float64(world, layout, momentum):
         for t in steps:  # fwd 2C+1, bwd 2C float64 numbers, one all-reduce each; none on one rank
             assert t[4].counts == ({} if world == 1 else {"all_reduce": 2})
             assert t[4].bytes.get("all_reduce", 0) == (0 if world == 1 else (4 * C + 1) * 8)
-    for _, rm, rv, nbt, y_eval, c_eval in outs:
+    for _, rm, rv, nbt, _y, c_eval in outs:
         torch.testing.assert_close(rm, ref_rm, rtol=0, atol=1e-10)
         torch.testing.assert_close(rv, ref_rv, rtol=0, atol=1e-10)
         assert nbt == STEPS
@@ -214,5 +214,7 @@ def test_real_processes_gloo():
         torch.testing.assert_close(torch.cat([t[0] for t in steps]).double(), y_ref, rtol=0, atol=1e-5)
         torch.testing.assert_close(torch.cat([t[1] for t in steps]).double(), dx_ref, rtol=0, atol=1e-5)
         torch.testing.assert_close(sum(t[2] for t in steps).double(), dw_ref, rtol=0, atol=1e-5)
+        torch.testing.assert_close(sum(t[3] for t in steps).double(), db_ref, rtol=0, atol=1e-5)
         assert all(t[4].counts == {"all_reduce": 2} and t[4].bytes["all_reduce"] == (4 * C + 1) * 4 for t in steps)
+    torch.testing.assert_close(outs[2][1].double(), ref_rm, rtol=0, atol=1e-5)
     torch.testing.assert_close(outs[2][2].double(), ref_rv, rtol=0, atol=1e-5)

@@ -154,6 +154,7 @@ def recalibrate(model: nn.Module, batches: Iterable[Any], group: Group = None) -
         mask = kwargs.get("mask", args[1] if len(args) > 1 else None)
         sums[module] += channel_sums(args[0], getattr(module, "channel_dim", 1), mask, shifts[module], torch.float64)
 
+    saved = {m: [t.clone() for t in (m.running_mean, m.running_var, m.num_batches_tracked) if t is not None] for m in norms}
     handles = []
     try:
         model.eval()
@@ -172,7 +173,15 @@ def recalibrate(model: nn.Module, batches: Iterable[Any], group: Group = None) -
                 var = (part[c:2 * c] / n - d.square()).clamp_min(0) * (n / (n - 1).clamp_min(1))
                 seen = n > 0
                 m.running_mean.copy_(torch.where(seen, shifts[m] + d, shifts[m]))  # type: ignore[union-attr]
-                m.running_var.copy_(torch.where(seen, var, m.running_var.double()))  # type: ignore[union-attr]
+                m.running_var.copy_(torch.where(seen, var, saved[m][1].double()))  # type: ignore[union-attr]
+        for m in norms:  # the training-mode forwards counted steps: undo that
+            if m.num_batches_tracked is not None:
+                m.num_batches_tracked.copy_(saved[m][2])
+    except BaseException:
+        for m in norms:  # leave the model as it was
+            for t, old in zip((m.running_mean, m.running_var, m.num_batches_tracked), saved[m]):
+                t.copy_(old)  # type: ignore[union-attr]
+        raise
     finally:
         for h in handles:
             h.remove()

@@ -60,6 +60,7 @@ def _reference(layout, xs, dys, masks, params, momentum):
         y, rm, rv = batch_norm_ref(x, rm, rv, w, b, momentum=momentum, num_batches_tracked=i,
                                    channel_dim=channel_dim, mask=mask)
         y.backward(dy.double())
+        rm, rv = rm.detach(), rv.detach()
         steps.append((y.detach(), x.grad, w.grad, b.grad))
     y_eval, _, _ = batch_norm_ref(xs[0].double(), rm, rv, *params, training=False, channel_dim=channel_dim)
     return steps, rm, rv, y_eval

@@ -118,7 +118,7 @@ def _large_mean_rank(rank, world, x_full, shift):
     bn = SyncBatchNorm(C, group=world_group(world))
     bn.running_mean.copy_(shift)  # a warm module: the running mean is near the data mean
     y = bn(split_for_world(x_full, world)[rank])
-    return y, bn.running_var.clone()
+    return y.detach(), bn.running_var.clone()
 
 
 def test_accurate_when_mean_dwarfs_std():

@@ -96,7 +96,7 @@ def check_batch_not_empty(
 class _SyncBatchNormFn(torch.autograd.Function):
     """Normalise with given global statistics; the backward all-reduces [sum(dy), sum(dy * x_hat)].
 
-    ``mean``, ``invstd`` [C] and ``count`` [] (global, stats dtype) come from the forward's
+    ``mean``, ``var`` [C] and ``count`` [] (global, stats dtype) come from the forward's
     all-reduce and are constants here: the backward adds the statistics' gradient itself.
     """
 
@@ -107,18 +107,23 @@ class _SyncBatchNormFn(torch.autograd.Function):
         weight: torch.Tensor | None,
         bias: torch.Tensor | None,
         mean: torch.Tensor,
-        invstd: torch.Tensor,
+        var: torch.Tensor,
         count: torch.Tensor,
+        eps: float,
         mask: torch.Tensor | None,
         group: Group,
         channel_dim: int,
     ) -> torch.Tensor:
         ndim = x.dim()
+        invstd = torch.rsqrt(var + eps)
+        ctx.save_for_backward(x, weight, mean, invstd, count, mask)
+        ctx.group, ctx.channel_dim = group, channel_dim
+        if channel_dim == 1 and (weight is None or weight.dtype == mean.dtype):
+            # torch's channel-aware affine kernel, fed the global statistics (eval-mode batch norm)
+            return torch.batch_norm(x, weight, bias, mean, var, False, 0.0, eps, torch.backends.cudnn.enabled)
         scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
         offset = -mean * scale if bias is None else bias.to(invstd.dtype) - mean * scale
         y = torch.addcmul(channel_view(offset, ndim, channel_dim), x.to(invstd.dtype), channel_view(scale, ndim, channel_dim))
-        ctx.save_for_backward(x, weight, mean, invstd, count, mask)
-        ctx.group, ctx.channel_dim = group, channel_dim
         return y.to(x.dtype)
 
     @staticmethod
@@ -128,7 +133,7 @@ class _SyncBatchNormFn(torch.autograd.Function):
         dims = [d for d in range(ndim) if d != c_dim]
         dtype = invstd.dtype
         dy_f = dy.to(dtype)
-        xmu = x.to(dtype) - channel_view(mean, ndim, c_dim)
+        xmu = x.to(dtype) - channel_view(mean, ndim, c_dim)  # a fresh buffer: grad_x is built in it
         sum_dy = dy_f.sum(dims)
         sum_dy_xhat = (dy_f * xmu).sum(dims) * invstd
         grad_x = grad_weight = grad_bias = None
@@ -144,11 +149,11 @@ class _SyncBatchNormFn(torch.autograd.Function):
             # dx = k * (dy - w * mean(dy) - w * x_hat * mean(dy * x_hat)), w = mask (1 if None)
             coef_xmu = -k * invstd * packed[c:] / count
             coef_one = -k * packed[:c] / count
-            correction = torch.addcmul(channel_view(coef_one, ndim, c_dim), xmu, channel_view(coef_xmu, ndim, c_dim))
+            grad_x = xmu.mul_(channel_view(coef_xmu, ndim, c_dim)).add_(channel_view(coef_one, ndim, c_dim))  # in place
             if mask is not None:
-                correction = correction * mask.unsqueeze(c_dim)
-            grad_x = torch.addcmul(correction, dy_f, channel_view(k, ndim, c_dim)).to(x.dtype)
-        return grad_x, grad_weight, grad_bias, None, None, None, None, None, None
+                grad_x.mul_(mask.unsqueeze(c_dim))
+            grad_x = grad_x.addcmul_(dy_f, channel_view(k, ndim, c_dim)).to(x.dtype)
+        return grad_x, grad_weight, grad_bias, None, None, None, None, None, None, None
 
 
 def sync_batch_norm(
@@ -191,12 +196,11 @@ def sync_batch_norm(
         d = sums[:c] / count
         var = (sums[c:2 * c] / count - d.square()).clamp_min(0)
         mean = d if shift is None else d + shift
-        invstd = torch.rsqrt(var + eps)
         if running_mean is not None and running_var is not None:
             unbiased = var * (count / (count - 1).clamp_min(1))
             running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype) * momentum)
             running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype) * momentum)
-    return _SyncBatchNormFn.apply(x, weight, bias, mean, invstd, count, mask, group, c_dim)
+    return _SyncBatchNormFn.apply(x, weight, bias, mean, var, count, eps, mask, group, c_dim)
 
 
 class SyncBatchNorm(_BatchNorm):

@@ -7,7 +7,7 @@ from torch import nn
 from distnorm import SyncBatchNorm, convert_sync_batchnorm
 from distnorm.comm import count_collectives
 from distnorm.functional.reference import batch_norm_ref
-from distnorm.testing import assert_close_to_reference, simulate, spawn, split_for_world
+from distnorm.testing import assert_close_to_reference, distributed_gradcheck, simulate, spawn, split_for_world
 from tests.data_parallel._parity import sizes_with_empty_rank, world_group
 
 C, STEPS = 5, 3
@@ -219,3 +219,22 @@ def test_real_processes_gloo():
         assert all(t[4].counts == {"all_reduce": 2} and t[4].bytes["all_reduce"] == (4 * C + 1) * 4 for t in steps)
     torch.testing.assert_close(outs[2][1].double(), ref_rm, rtol=0, atol=1e-5)
     torch.testing.assert_close(outs[2][2].double(), ref_rv, rtol=0, atol=1e-5)
+
+
+def _gradcheck_rank(rank, world, x_full, mask_full):
+    sizes = sizes_with_empty_rank(x_full.shape[0], world)
+    group = world_group(world)
+    bn = SyncBatchNorm(C, group=group, channel_dim=-1, dtype=torch.float64)
+    with torch.no_grad():
+        bn.weight.copy_(torch.linspace(0.5, 2.0, C, dtype=torch.float64))
+    mask = split_for_world(mask_full, world, sizes=sizes)[rank]
+    x = split_for_world(x_full, world, sizes=sizes)[rank]
+    return distributed_gradcheck(lambda inp: bn(inp, mask), x, group)
+
+
+@pytest.mark.parametrize("world", [1, 3])
+def test_distributed_gradcheck(world):
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(4, 2, C, generator=g, dtype=torch.float64)
+    mask = torch.rand(4, 2, generator=g) > 0.3
+    assert all(simulate(world, _gradcheck_rank, world, x, mask, timeout=120))

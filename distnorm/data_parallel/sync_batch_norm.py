@@ -43,15 +43,18 @@ def stats_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def check_input(
-    x: torch.Tensor, num_features: int, channel_dim: int, mask: torch.Tensor | None, group: Group, where: str
+    x: torch.Tensor, num_features: int | None, channel_dim: int, mask: torch.Tensor | None, group: Group, where: str
 ) -> None:
-    """Shape checks shared by the data-parallel batch norms (no host sync: shapes only)."""
+    """Shape checks shared by the data-parallel batch norms (no host sync: shapes only).
+
+    ``num_features=None`` skips the channel-count check.
+    """
     if x.dim() < 2:
         raise ValueError(
             f"{where}: input must have at least 2 dims (batch and channel), got shape {tuple(x.shape)} "
             f"({_where(group)})"
         )
-    if x.shape[channel_dim] != num_features:
+    if num_features is not None and x.shape[channel_dim] != num_features:
         raise ValueError(
             f"{where}: input must have num_features = {num_features} channels on channel_dim={channel_dim}, "
             f"got shape {tuple(x.shape)} ({_where(group)})"
@@ -184,6 +187,8 @@ def sync_batch_norm(
     (``[sum(dy), sum(dy * x_hat)]``), 8C bytes (16C for float64), only when ``x`` needs a gradient.
     group None or P == 1: none. No host sync; a rank with an empty batch takes part.
     """
+    per_channel = next((t for t in (weight, running_mean) if t is not None), None)
+    check_input(x, None if per_channel is None else per_channel.numel(), channel_dim, mask, group, "sync_batch_norm")
     c_dim = channel_dim % x.dim()
     dtype = stats_dtype(x)
     with torch.no_grad():
@@ -317,5 +322,4 @@ def convert_sync_batchnorm(module: nn.Module, group: Group = None, *, channel_di
             out.qconfig = module.qconfig
     for name, child in module.named_children():
         out.add_module(name, convert_sync_batchnorm(child, group, channel_dim=channel_dim))
-    del module
     return out

@@ -238,3 +238,12 @@ def test_distributed_gradcheck(world):
     x = torch.randn(4, 2, C, generator=g, dtype=torch.float64)
     mask = torch.rand(4, 2, generator=g) > 0.3
     assert all(simulate(world, _gradcheck_rank, world, x, mask, timeout=120))
+
+
+def test_functional_checks_its_inputs():
+    from distnorm.data_parallel import sync_batch_norm
+
+    with pytest.raises(ValueError, match=r"sync_batch_norm: input must have num_features = 3 channels on channel_dim=-1, got shape \(2, 4\)"):
+        sync_batch_norm(torch.randn(2, 4), torch.zeros(3), torch.ones(3), channel_dim=-1)
+    with pytest.raises(ValueError, match=r"input must have at least 2 dims .* got shape \(4,\) \(rank 0 of 1\)"):
+        sync_batch_norm(torch.randn(4), None, None)

@@ -3,6 +3,7 @@
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from distnorm import SyncBatchNorm, convert_sync_batchnorm
 from distnorm.comm import count_collectives
@@ -247,3 +248,32 @@ def test_functional_checks_its_inputs():
         sync_batch_norm(torch.randn(2, 4), torch.zeros(3), torch.ones(3), channel_dim=-1)
     with pytest.raises(ValueError, match=r"input must have at least 2 dims .* got shape \(4,\) \(rank 0 of 1\)"):
         sync_batch_norm(torch.randn(4), None, None)
+
+
+class _ScalarReads(TorchDispatchMode):
+    """Records reads of tensor data by the host (.item(), float(t), bool(t), `if t:`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.reads = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.reads += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _host_sync_rank(rank, world):
+    bn = SyncBatchNorm(C, group=world_group(world), channel_dim=-1, momentum=None)
+    rows = 3 * rank if world > 1 else 3  # rank 0 of 2 is empty
+    x = torch.randn(rows, 4, C, requires_grad=True)
+    mask = torch.ones(rows, 4, dtype=torch.bool)
+    with _ScalarReads() as mode:
+        bn(x, mask).sum().backward()
+    return mode.reads
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_no_host_sync(world):
+    # the masked path with momentum=None is where a host read would hide (count, 1/num_batches)
+    assert simulate(world, _host_sync_rank, world, timeout=60) == [0] * world

@@ -101,8 +101,8 @@ def alpha_batch_norm(
 class AlphaBatchNorm(SyncBatchNorm):
     """:class:`SyncBatchNorm` whose eval mode calibrates with the test batch (α-BN).
 
-    ``AlphaBatchNorm(num_features, alpha=0.9, eps, momentum, affine, track_running_stats=True,
-    group, channel_dim)``; state dict as ``torch.nn.BatchNorm``. Training: exactly
+    Constructor: :class:`SyncBatchNorm`'s plus keyword-only ``alpha`` (default 0.9);
+    ``track_running_stats`` must stay True. State dict as ``torch.nn.BatchNorm``. Training: exactly
     :class:`SyncBatchNorm`. Eval: :func:`alpha_batch_norm` (running stats untouched).
     Collectives: training as :class:`SyncBatchNorm`; eval with alpha < 1 and P > 1: fwd 1
     all-reduce of 2C + 1 float32, bwd 1 all-reduce of 2C + 1 float32 if ``x`` needs a gradient.
@@ -111,20 +111,24 @@ class AlphaBatchNorm(SyncBatchNorm):
     def __init__(
         self,
         num_features: int,
-        alpha: float = 0.9,
         eps: float = 1e-5,
         momentum: float | None = 0.1,
         affine: bool = True,
+        track_running_stats: bool = True,
         group: Group = None,
         device: Any = None,
         dtype: Any = None,
         *,
+        alpha: float = 0.9,
         channel_dim: int = 1,
     ) -> None:
+        where = f"rank {comm.group_rank(group)} of {comm.group_size(group)}"
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"AlphaBatchNorm: alpha must be a float in [0, 1], got {alpha!r} ({where})")
+        if not track_running_stats:
             raise ValueError(
-                f"AlphaBatchNorm: alpha must be a float in [0, 1], got {alpha!r} "
-                f"(rank {comm.group_rank(group)} of {comm.group_size(group)})"
+                f"AlphaBatchNorm: track_running_stats must be True (alpha mixes the running statistics in), "
+                f"got {track_running_stats!r} ({where})"
             )
         super().__init__(num_features, eps, momentum, affine, True, group, device, dtype, channel_dim=channel_dim)
         self.alpha = float(alpha)

@@ -77,6 +77,8 @@ def test_alpha_ends_are_eval_and_train_batch_norm():
 def test_bad_alpha():
     with pytest.raises(ValueError, match=r"alpha must be a float in \[0, 1\], got 1.5 \(rank 0 of 1\)"):
         AlphaBatchNorm(C, alpha=1.5)
+    with pytest.raises(ValueError, match=r"track_running_stats must be True .* got False \(rank 0 of 1\)"):
+        AlphaBatchNorm(C, track_running_stats=False)
 
 
 def _spawn_rank(rank, world, x, dy, mask, stats):

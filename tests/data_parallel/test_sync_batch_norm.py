@@ -90,6 +90,29 @@ def test_matches_one_process_float64(world, layout, momentum):
     torch.testing.assert_close(torch.cat([o[4] for o in outs]), ref_eval, rtol=0, atol=1e-10)
 
 
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_matches_torch_batch_norm_on_concatenated_batch(momentum):
+    xs, dys, masks, params = _inputs("nchw")
+    outs = simulate(3, _sbn_rank, 3, "nchw", xs, dys, masks, params, momentum, torch.float64, timeout=60)
+    bn = nn.BatchNorm2d(C, momentum=momentum, dtype=torch.float64)
+    with torch.no_grad():
+        bn.weight.copy_(params[0])
+        bn.bias.copy_(params[1])
+    for s, (x, dy) in enumerate(zip(xs, dys)):
+        x = x.clone().requires_grad_()
+        bn.zero_grad()
+        y = bn(x)
+        y.backward(dy)
+        steps = [o[0][s] for o in outs]
+        torch.testing.assert_close(torch.cat([t[0] for t in steps]), y.detach(), rtol=0, atol=1e-10)
+        torch.testing.assert_close(torch.cat([t[1] for t in steps]), x.grad, rtol=0, atol=1e-10)
+        torch.testing.assert_close(sum(t[2] for t in steps), bn.weight.grad, rtol=0, atol=1e-10)
+    for _, rm, rv, nbt, _y, _c in outs:
+        torch.testing.assert_close(rm, bn.running_mean, rtol=0, atol=1e-10)
+        torch.testing.assert_close(rv, bn.running_var, rtol=0, atol=1e-10)
+        assert nbt == int(bn.num_batches_tracked)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_low_precision_within_twice_torch_error(dtype):
     world, layout = 3, "nchw"

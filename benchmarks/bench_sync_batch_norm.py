@@ -160,7 +160,21 @@ def _bench_layout(rank: int, shape: tuple[int, ...], channel_dim: int, warmup: i
         err = float((a - b).abs().max())
         if not err < 1e-3:
             raise AssertionError(f"distnorm and torch_algo differ by {err:.2e} on rank {rank}")
-    return {p: {"median_s": statistics.median(times[p]), "collectives": counts[p].as_dict()} for p in PROVIDERS}
+    result: dict[str, Any] = {p: {"median_s": statistics.median(times[p]), "collectives": counts[p].as_dict()}
+                              for p in PROVIDERS}
+    # the bare forward collectives on the 2C + 1 payload: what latency-bound steps are made of
+    stats = torch.randn(2 * c + 1)
+    bare: dict[str, list[float]] = {"all_reduce": [], "all_gather": []}
+    for i in range(warmup + steps):
+        for kind, fn in (("all_reduce", lambda: comm.all_reduce_(stats.clone(), group)),
+                         ("all_gather", lambda: comm.all_gather_uneven(stats.unsqueeze(0), group))):
+            dist.barrier(group)
+            start = time.perf_counter()
+            fn()
+            if i >= warmup:
+                bare[kind].append(time.perf_counter() - start)
+    result["bare_ms"] = {k: 1e3 * statistics.median(v) for k, v in bare.items()}
+    return result
 
 
 def _bench_rank(rank: int, world: int, layouts: list[tuple[tuple[int, ...], int]], warmup: int, steps: int) -> list[dict]:
@@ -189,6 +203,7 @@ def run_cpu(worlds: list[int], scale: int, warmup: int, steps: int) -> list[dict
                     "bytes": sum(v["bytes"] for v in coll.values()),
                     "bytes_received": sum(_received(k, v["bytes"], world) for k, v in coll.items()),
                     "kinds": coll,
+                    "bare_collective_ms": {k: max(r[j]["bare_ms"][k] for r in per_rank) for k in ("all_reduce", "all_gather")},
                 })
     rows.sort(key=lambda r: (r["layout"] != "nchw", r["world"]))
     return rows
@@ -217,6 +232,15 @@ def run_cuda(warmup: int, steps: int) -> list[dict]:
                              "provider": provider, "ms": statistics.median(times), "collectives": 0, "bytes": 0,
                              "bytes_received": 0, "device": torch.cuda.get_device_name()})
     return rows
+
+
+def _latency_table(rows: list[dict]) -> str:
+    lines = ["bare forward collective on the 2C+1 payload (ms, median, slowest rank):"]
+    for r in rows:
+        if r["provider"] == "distnorm" and "bare_collective_ms" in r:
+            b = r["bare_collective_ms"]
+            lines.append(f"  {r['layout']:5} P={r['world']}: all_reduce {b['all_reduce']:.3f}  all_gather {b['all_gather']:.3f}")
+    return "\n".join(lines)
 
 
 def _table(rows: list[dict]) -> str:
@@ -257,12 +281,14 @@ def main() -> None:
     parser.add_argument("--worlds", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--scale", type=int, default=4, help="divide every dim of the DESIGN shapes by this (CPU)")
     parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
     rows = run_cuda(args.warmup, args.steps) if args.device == "cuda" else run_cpu(args.worlds, args.scale, args.warmup, args.steps)
     print(_table(rows))
+    if args.device == "cpu":
+        print(_latency_table(rows))
     args.out.mkdir(parents=True, exist_ok=True)
     stem = "bench_sync_batch_norm" + ("_cuda" if args.device == "cuda" else "")
     meta = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "machine": platform.platform(), "torch": torch.__version__,

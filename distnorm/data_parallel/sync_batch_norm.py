@@ -329,6 +329,9 @@ def convert_sync_batchnorm(module: nn.Module, group: Group = None, *, channel_di
     training flag; returns the (possibly new) root. Mirrors ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``;
     modules that already are distnorm norms are left as they are.
     """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"convert_sync_batchnorm: module must be an nn.Module, got {type(module).__name__} "
+                        f"({_where(group)})")
     out = module
     if isinstance(module, _BatchNorm) and not isinstance(module, SyncBatchNorm):
         out = SyncBatchNorm(

@@ -127,15 +127,18 @@ def _dp_norms() -> dict[str, tuple[Callable[..., nn.Module], tuple[int, ...]]]:
         "EvoNormB0": (lambda **kw: EvoNormB0(C, **kw), (8, C, 3)),
     }
     try:
+        from distnorm.data_parallel.alpha_batch_norm import AlphaBatchNorm
         from distnorm.data_parallel.sync_batch_norm import SyncBatchNorm
     except ImportError:  # SyncBatchNorm's issue has not landed in this checkout
         return norms
     norms["SyncBatchNorm"] = (lambda **kw: SyncBatchNorm(C, **kw), (8, C, 3))
+    norms["AlphaBatchNorm"] = (lambda **kw: AlphaBatchNorm(C, **kw), (8, C, 3))
     return norms
 
 
 DP_NORMS = [
     "PowerNorm", "UnifiedNorm", "RepBatchNorm", "ProgressiveRepBN", "BatchChannelNorm", "EvoNormB0", "SyncBatchNorm",
+    "AlphaBatchNorm",
 ]
 
 

@@ -103,3 +103,24 @@ def test_lost_rank_gives_survivors_an_error_within_the_timeout(sig):
     assert elapsed < PG_TIMEOUT_S + 6, elapsed  # the survivors leave within the timeout (+ slack)
     for rank in range(2):
         assert any(f"rank {rank}: training failed at a collective" in line for line in err[rank]), err[rank]
+
+
+def _multi_rank_calls_without_timeout(path: Path) -> list[str]:
+    import ast
+
+    tree = ast.parse(path.read_text(), filename=str(path))
+    missing = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+            world = node.args[0] if node.args else None
+            never_starts = isinstance(world, ast.Constant) and not (isinstance(world.value, int) and world.value >= 1)
+            if name in ("simulate", "spawn") and not never_starts and not any(k.arg == "timeout" for k in node.keywords):
+                missing.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    return missing
+
+
+def test_every_multi_rank_call_in_the_suite_passes_a_timeout():
+    # No test can hang: every simulate/spawn call names its timeout (pytest's own is the backstop).
+    missing = [loc for path in sorted((ROOT / "tests").rglob("*.py")) for loc in _multi_rank_calls_without_timeout(path)]
+    assert not missing, f"simulate/spawn calls without timeout=: {missing}"

@@ -35,6 +35,7 @@ import torch.distributed as dist
 
 __all__ = [
     "CollectiveCounts",
+    "PendingCollective",
     "all_gather_object",
     "all_gather_uneven",
     "all_reduce_",
@@ -50,6 +51,8 @@ __all__ = [
     "scatter_along",
     "shard_offsets",
     "shard_sizes",
+    "start_all_gather_uneven",
+    "start_reduce_scatter_uneven",
 ]
 
 Group = dist.ProcessGroup | None
@@ -271,6 +274,29 @@ def _pad_along(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:
     return torch.cat([t, t.new_zeros(shape)], dim=dim)
 
 
+class PendingCollective:
+    """An issued asynchronous collective; ``wait()`` completes it and returns its result tensor.
+
+    Returned by the ``start_*`` helpers (and usable as a completed stand-in on the local path).
+    ``wait()`` may be called more than once; the work handle is waited for the first time only.
+    """
+
+    def __init__(self, work: Any, finish: Callable[[], torch.Tensor]) -> None:
+        self._work, self._finish = work, finish
+        self._result: torch.Tensor | None = None
+
+    def wait(self) -> torch.Tensor:
+        if self._result is None:
+            if self._work is not None:
+                self._work.wait()
+            self._result = self._finish()
+        return self._result
+
+    @classmethod
+    def done(cls, result: torch.Tensor) -> PendingCollective:
+        return cls(None, lambda: result)
+
+
 def all_gather_uneven(
     tensor: torch.Tensor, group: Group, *, dim: int = 0, sizes: Sequence[int] | None = None
 ) -> torch.Tensor:
@@ -280,9 +306,17 @@ def all_gather_uneven(
     extent. A local tensor whose extent differs from ``sizes[rank]`` is a ValueError.
     Collective: 1 all-gather of ``max(sizes)`` slices per rank.
     """
+    return start_all_gather_uneven(tensor, group, dim=dim, sizes=sizes, async_op=False).wait()
+
+
+def start_all_gather_uneven(
+    tensor: torch.Tensor, group: Group, *, dim: int = 0, sizes: Sequence[int] | None = None,
+    async_op: bool = True,
+) -> PendingCollective:
+    """:func:`all_gather_uneven`, issued asynchronously: ``.wait()`` returns the gathered tensor."""
     world = group_size(group)
     if world == 1:
-        return tensor
+        return PendingCollective.done(tensor)
     dim = dim % tensor.dim()
     rank = group_rank(group)
     sizes = [tensor.shape[dim]] * world if sizes is None else _check_sizes(sizes, world, "all_gather_uneven")
@@ -295,10 +329,13 @@ def all_gather_uneven(
     padded = _pad_along(tensor, dim, largest)
     parts = [torch.empty_like(padded) for _ in range(world)]
     _record("all_gather", padded, group)
-    dist.all_gather(parts, padded, group=group)
-    if any(s != largest for s in sizes):
-        parts = [p.narrow(dim, 0, s) for p, s in zip(parts, sizes, strict=True)]
-    return torch.cat(parts, dim=dim)
+    work = dist.all_gather(parts, padded, group=group, async_op=async_op)
+
+    def finish() -> torch.Tensor:
+        kept = parts if all(s == largest for s in sizes) else [p.narrow(dim, 0, s) for p, s in zip(parts, sizes, strict=True)]
+        return torch.cat(kept, dim=dim)
+
+    return PendingCollective(work if async_op else None, finish)
 
 
 def reduce_scatter_uneven(
@@ -309,9 +346,17 @@ def reduce_scatter_uneven(
     ``sizes`` defaults to ``shard_sizes(tensor.shape[dim], world)``; their sum must equal the
     extent of ``dim``. Collective: 1 reduce-scatter of ``world * max(sizes)`` slices.
     """
+    return start_reduce_scatter_uneven(tensor, group, dim=dim, sizes=sizes, async_op=False).wait()
+
+
+def start_reduce_scatter_uneven(
+    tensor: torch.Tensor, group: Group, *, dim: int = 0, sizes: Sequence[int] | None = None,
+    async_op: bool = True,
+) -> PendingCollective:
+    """:func:`reduce_scatter_uneven`, issued asynchronously: ``.wait()`` returns this rank's slice."""
     world = group_size(group)
     if world == 1:
-        return tensor
+        return PendingCollective.done(tensor)
     dim = dim % tensor.dim()
     n = tensor.shape[dim]
     sizes = shard_sizes(n, world) if sizes is None else _check_sizes(sizes, world, "reduce_scatter_uneven")
@@ -324,8 +369,9 @@ def reduce_scatter_uneven(
     chunks = [_pad_along(c, dim, largest) for c in tensor.split(sizes, dim=dim)]
     out = torch.empty_like(chunks[0])
     _record("reduce_scatter", tensor, group, nbytes=sum(c.numel() for c in chunks) * tensor.element_size())
-    dist.reduce_scatter(out, chunks, group=group)
-    return out.narrow(dim, 0, sizes[group_rank(group)])
+    work = dist.reduce_scatter(out, chunks, group=group, async_op=async_op)
+    mine = sizes[group_rank(group)]
+    return PendingCollective(work if async_op else None, lambda: out.narrow(dim, 0, mine))
 
 
 def _local_slice(tensor: torch.Tensor, group: Group, dim: int, sizes: Sequence[int] | None) -> torch.Tensor:

@@ -47,6 +47,7 @@ __all__ = [
     "group_size",
     "reduce_from_group",
     "reduce_scatter_along",
+    "record_collective",
     "reduce_scatter_uneven",
     "scatter_along",
     "shard_offsets",
@@ -202,6 +203,17 @@ def _record(kind: str, tensor: torch.Tensor, group: Group, nbytes: int | None = 
     size = tensor.numel() * tensor.element_size() if nbytes is None else nbytes
     for counts in _active_counters():
         counts.add(kind, size)
+
+
+def record_collective(kind: str, tensor: torch.Tensor, group: Group, nbytes: int | None = None) -> None:
+    """Record a collective issued outside ``torch.distributed``'s process-group calls.
+
+    For ops that move data by other means (torch symmetric memory's one-shot/two-shot/multimem
+    kernels) so that :func:`count_collectives` still sees them. ``nbytes`` defaults to
+    ``tensor.nbytes``.
+    """
+    if group_size(group) > 1:
+        _record(kind, tensor, group, nbytes)
 
 
 # --------------------------------------------------------------------------------------------

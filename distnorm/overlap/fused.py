@@ -343,8 +343,11 @@ class FusedNormCall:
             h = _finish(self.partial, self.pending, "all_reduce", self.group, None)
             return self.local_op(h, self.residual, self.weight, self.eps)
         h_shard = _finish(self.partial, self.pending, "reduce_scatter", self.group, self.sizes)
-        # the shard's tokens are 1/P of the batch: the replicated weight's gradient is summed
-        weight = None if self.weight is None else comm.copy_to_group(self.weight, self.group)
+        # the shard's tokens are 1/P of the batch: the replicated weight's gradient is summed over
+        # the group, in float32 (one rounding to the weight's dtype, after the sum)
+        weight = self.weight
+        if weight is not None:
+            weight = comm.copy_to_group(weight.to(_compute_dtype(weight.dtype)), self.group)
         y_shard, residual_out = self.local_op(h_shard, self.residual, weight, self.eps)
         gathered = self.launcher.all_gather(y_shard.detach(), self.sizes)
         return _finish(y_shard, gathered, "all_gather", self.group, self.sizes), residual_out
@@ -446,7 +449,8 @@ def fused_allreduce_rms_norm(
     * ``mode="reduce_scatter"``: ``partial [T, H]``, ``residual [T_r, H]`` -> ``normed [T, H]``,
       ``residual_out [T_r, H]``. Collectives (P > 1): fwd 1 reduce-scatter + 1 all-gather
       (each ``H * itemsize`` bytes/token, padded to ``max(T_r)`` rows per rank); bwd 1 all-gather
-      (grad of ``partial``) + 1 all-reduce of ``H`` (weight grad: the norm saw 1/P of the tokens).
+      (grad of ``partial``) + 1 all-reduce of ``H`` float32 (float64 for float64 weights) numbers
+      (weight grad: the norm saw 1/P of the tokens).
 
     ``group`` None or P == 1: no collectives, both modes are the local add+RMSNorm.
     ``weight [H]`` may be None (no affine). Statistics in float32 (float64 for float64 input);

@@ -415,8 +415,12 @@ class TokenWeaver(nn.Module):
         unfused = self.backend == "torch"
         in_flight: list[FusedNormCall | None] = [None] * len(xs)
         for block in cast(list[WeaveBlock], list(self.blocks)):
+            # upcast once per block: both halves' weight gradients then add up in float32 and are
+            # rounded to the weight's dtype once, as in the unsplit run
+            weight = block.norm_weight
+            weight = weight if weight is None else weight.to(torch.promote_types(weight.dtype, torch.float32))
             for h in range(len(xs)):
-                call = FusedNormCall(block.partial(xs[h]), res[h], block.norm_weight, block.eps, group=self.group,
+                call = FusedNormCall(block.partial(xs[h]), res[h], weight, block.eps, group=self.group,
                                      mode=self.mode, launcher=launcher, unfused=unfused)
                 prev = (h - 1) % len(xs)
                 if in_flight[prev] is not None and prev != h:

@@ -140,23 +140,28 @@ def test_gradients_of_the_global_loss(mode):
     assert all(simulate(3, _gradcheck_rank, 3, mode, partials, residual, weight, timeout=120))
 
 
-def _spawn_rank(rank, mode, partials, residual, weight, dy, dres):
-    out = _rank(rank, 2, mode, "gloo", partials, residual, weight, dy, dres)
-    return (*out[:5], out[5].counts, out[6].counts)
+def _spawn_rank(rank, partials, residual, weight, dy, dres):
+    torch.set_num_threads(1)
+    outs = {}
+    for mode in ("allreduce", "reduce_scatter"):
+        out = _rank(rank, 2, mode, "gloo", partials, residual, weight, dy, dres)
+        outs[mode] = (*out[:5], out[5].counts, out[6].counts)
+    return outs
 
 
-@pytest.mark.parametrize("mode", ["allreduce", "reduce_scatter"])
-def test_real_gloo_processes(mode):
+def test_real_gloo_processes():
     partials, residual, weight, dy, dres = _inputs(7, 2, torch.float32)
-    outs = spawn(2, _spawn_rank, mode, partials, residual, weight, dy, dres, timeout=120)
+    results = spawn(2, _spawn_rank, partials, residual, weight, dy, dres, timeout=120)
     ref = _reference(partials, residual, weight, dy, dres, torch.float64)
     base = _reference(partials, residual, weight, dy, dres, torch.float32)
-    assert_close_to_reference(outs[0][0], ref[0], baseline=base[0], atol=1e-6)
-    assert_close_to_reference(_full(outs, 1, mode), ref[1], baseline=base[1], atol=1e-6)
-    assert_close_to_reference(outs[1][2], ref[2], baseline=base[2], atol=1e-6)
-    assert_close_to_reference(_full(outs, 3, mode), ref[3], baseline=base[3], atol=1e-6)
-    expected = {"all_reduce": 1} if mode == "allreduce" else {"reduce_scatter": 1, "all_gather": 1}
-    assert outs[0][5] == expected
+    for mode in ("allreduce", "reduce_scatter"):
+        outs = [r[mode] for r in results]
+        assert_close_to_reference(outs[0][0], ref[0], baseline=base[0], atol=1e-6)
+        assert_close_to_reference(_full(outs, 1, mode), ref[1], baseline=base[1], atol=1e-6)
+        assert_close_to_reference(outs[1][2], ref[2], baseline=base[2], atol=1e-6)
+        assert_close_to_reference(_full(outs, 3, mode), ref[3], baseline=base[3], atol=1e-6)
+        expected = {"all_reduce": 1} if mode == "allreduce" else {"reduce_scatter": 1, "all_gather": 1}
+        assert outs[0][5] == expected
 
 
 def test_local_add_rms_norm_matches_reference():

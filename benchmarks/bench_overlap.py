@@ -94,10 +94,14 @@ def _cpu_rank(rank: int, cfg: dict[str, Any]) -> dict[str, Any]:
     def compute(lo: int, hi: int) -> Callable[[], Any]:
         return lambda: [b.partial(x[lo:hi]) for b in blocks]
 
-    def collectives(n: int) -> Callable[[], Any]:
+    def collectives(n: int, kind: str = "allreduce") -> Callable[[], Any]:
+        """``layers`` times the block's collective(s) on ``n`` tokens (the profile is calibrated on
+        all-reduces; ``kind="reduce_scatter"`` times the reduce-scatter + all-gather pair)."""
         buf = torch.randn(n, hidden)
-        per_layer = 1 if mode == "allreduce" else 2  # reduce-scatter + all-gather move the same bytes
-        return lambda: [comm.all_reduce_(buf, group) for _ in range(layers * per_layer)]
+        if kind == "allreduce":
+            return lambda: [comm.all_reduce_(buf, group) for _ in range(layers)]
+        return lambda: [comm.all_gather_uneven(comm.reduce_scatter_uneven(buf, group), group,
+                                               sizes=comm.shard_sizes(n, world)) for _ in range(layers)]
 
     half = tokens // 2
     out: dict[str, Any] = {"world": world, "mode": mode, "tokens": tokens, "hidden": hidden, "layers": layers}
@@ -116,7 +120,7 @@ def _cpu_rank(rank: int, cfg: dict[str, Any]) -> dict[str, Any]:
         main = rounds({
             "compute_s": compute(0, tokens),
             "compute_split_s": lambda: (compute(0, half)(), compute(half, tokens)()),
-            "comm_s": collectives(tokens),
+            "comm_s": collectives(tokens, mode),
             "unsplit_s": lambda: unsplit(x, residual),
             "weaved_half_s": lambda: weaved_half(x, residual),
             "weaved_plan_s": lambda: weaved_plan(x, residual),

@@ -407,6 +407,65 @@ def test_dp_norm_rank_with_an_empty_local_batch(name):
 
 
 # --------------------------------------------------------------------------------------------
+# Overlap: fused all-reduce/reduce-scatter + residual + RMSNorm, token-split planning, TokenWeaver
+# --------------------------------------------------------------------------------------------
+
+_P, _R, _W = torch.randn(4, H), torch.randn(4, H), torch.ones(H)
+FUSED = "fused_allreduce_rms_norm"
+FUSED_CASES: list[tuple[str, tuple, dict, type[Exception], str]] = [
+    ("three_dims", (torch.randn(2, 4, H), _R, _W), {}, ValueError, r"partial must be a 2-D \[tokens, hidden\] tensor, got \(2, 4, 8\)"),
+    ("not_a_tensor", ([1.0], _R, _W), {}, ValueError, r"partial must be a 2-D \[tokens, hidden\] tensor, got list"),
+    ("int_dtype", (_P.long(), _R, _W), {}, TypeError, r"partial must be a floating-point tensor, got torch.int64"),
+    ("residual_shape", (_P, torch.randn(4, H - 1), _W), {}, ValueError, r"residual must have shape \(4, 8\) .*got \(4, 7\)"),
+    ("residual_dtype", (_P, _R.double(), _W), {}, TypeError, r"residual dtype must equal partial's torch.float32, got torch.float64"),
+    ("residual_meta", (_P, _R.to("meta"), _W), {}, ValueError, r"residual must be on partial's device cpu, got meta"),
+    ("weight_meta", (_P, _R, _W.to("meta")), {}, ValueError, r"weight must be on partial's device cpu, got meta"),
+    ("weight_shape", (_P, _R, torch.ones(H - 1)), {}, ValueError, r"weight must have shape \(8,\), got \(7,\)"),
+    ("eps_negative", (_P, _R, _W, -1.0), {}, ValueError, r"eps must be a float >= 0, got -1.0"),
+    ("eps_nan", (_P, _R, _W, float("nan")), {}, ValueError, r"eps must be a float >= 0, got nan"),
+    ("mode", (_P, _R, _W), {"mode": "x"}, ValueError, r"mode must be one of \('allreduce', 'reduce_scatter'\), got 'x'"),
+    ("backend", (_P, _R, _W), {"backend": "mpi"}, ValueError, r"backend must be one of .*got 'mpi'"),
+]
+
+
+@pytest.mark.parametrize("args, kwargs, exc, msg", [c[1:] for c in FUSED_CASES], ids=[c[0] for c in FUSED_CASES])
+def test_fused_allreduce_rms_norm_bad_input(args, kwargs, exc, msg):
+    from distnorm.overlap import fused_allreduce_rms_norm
+
+    with pytest.raises(exc, match=rf"{FUSED}: {msg} \(rank 0 of 1\)"):
+        fused_allreduce_rms_norm(*args, group=None, **kwargs)
+
+
+def test_fused_allreduce_rms_norm_wrong_group_and_zero_tokens():
+    from distnorm.overlap import fused_allreduce_rms_norm
+
+    with pytest.raises(TypeError, match=r"group must be a torch.distributed.ProcessGroup or None, got int 2"):
+        fused_allreduce_rms_norm(_P, _R, _W, group=2)
+    normed, residual = fused_allreduce_rms_norm(torch.randn(0, H), torch.randn(0, H), _W, group=None)
+    assert normed.shape == (0, H) and residual.shape == (0, H)
+
+
+def test_token_split_planning_bad_arguments():
+    from distnorm.overlap import DeviceProfile, ParallelMLPBlock, TokenSplitPlan, TokenWeaver, plan_token_split
+
+    for name, args in (("num_tokens", (0, 8, 2)), ("hidden", (8, -1, 2)), ("world", (8, 8, 1.5))):
+        with pytest.raises(ValueError, match=rf"plan_token_split: {name} must be a positive int, got .* \(rank 0\)"):
+            plan_token_split(*args)
+    with pytest.raises(ValueError, match=r"plan_token_split: mode must be 'allreduce' or 'reduce_scatter', got 'x'"):
+        plan_token_split(8, 8, 2, mode="x")
+    with pytest.raises(ValueError, match=r"TokenSplitPlan: first must be in \[1, num_tokens=4\], got 5"):
+        TokenSplitPlan(num_tokens=4, first=5)
+    with pytest.raises(ValueError, match=r"DeviceProfile.calibrate: .* needs >= 2 distinct sizes"):
+        DeviceProfile.calibrate(compute=[(128, 1e-3)], comm=[(1024, 1e-5)], flops_per_token=1.0)
+    with pytest.raises(ValueError, match=r"TokenWeaver: blocks must be a non-empty sequence, got 0 blocks \(rank 0 of 1\)"):
+        TokenWeaver([], None)
+    with pytest.raises(TypeError, match=r"TokenWeaver: blocks\[0\] \(Linear\) must have partial\(x\) and norm_weight"):
+        TokenWeaver([nn.Linear(2, 2)], None)
+    with pytest.raises(TypeError, match=r"group must be a torch.distributed.ProcessGroup or None, got int 2"):
+        TokenWeaver([ParallelMLPBlock(H, 16)], 2)
+
+
+# --------------------------------------------------------------------------------------------
 # Functions
 # --------------------------------------------------------------------------------------------
 
@@ -482,6 +541,7 @@ def test_count_collectives_zero_size_and_local_path():
 COVERED = {
     *(_NAME[n] for n in TP_NORMS), *LINEARS, *DP_NORMS, "EvoNormS0", *(c[0] for c in FUNCTION_CASES),
     "Topology", "init_distributed", "count_collectives",
+    FUSED, "plan_token_split", "TokenSplitPlan", "DeviceProfile", "TokenWeaver",
 }
 # Public names with no input to get wrong, with the reason.
 NOT_APPLICABLE: dict[str, str] = {}

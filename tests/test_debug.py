@@ -97,6 +97,25 @@ def test_sharded_norm_with_a_different_token_count_raises_on_every_rank(world):
         assert "rank 1: (7, 2)" in msg and "rank 0: (6, 2)" in msg
 
 
+def _fused_token_mismatch(rank, world):
+    from distnorm.overlap import fused_allreduce_rms_norm
+
+    tokens = 5 if rank == 0 else 4
+    try:
+        with debug.consistency_checks():
+            fused_allreduce_rms_norm(torch.randn(tokens, 8), torch.randn(tokens, 8), torch.ones(8),
+                                     group=dist.group.WORLD)
+    except RuntimeError as exc:
+        return str(exc)
+    return None
+
+
+def test_fused_allreduce_rms_norm_with_a_different_token_count_raises_on_every_rank():
+    for msg in simulate(3, _fused_token_mismatch, 3, timeout=TIMEOUT):
+        assert msg is not None and "before all_reduce" in msg
+        assert "shape: rank 0: (5, 8); rank 1: (4, 8); rank 2: (4, 8)" in msg
+
+
 def _dtype_and_op_mismatch(rank, world):
     group = dist.group.WORLD
     out = []

@@ -46,6 +46,7 @@ __all__ = [
     "NonFiniteEvent",
     "NonFiniteReport",
     "check_replicas",
+    "consistency_check_stats",
     "consistency_checks",
     "consistency_checks_enabled",
     "detect_nonfinite",
@@ -144,11 +145,18 @@ def _consistency_hook(kind: str, tensor: torch.Tensor, group: Group) -> None:
     # all_gather_object carries no tensor to compare; the check's own collectives are not checked.
     if kind == "all_gather_object" or getattr(_state, "busy", False) or group_size(group) == 1:
         return
+    # The check's own collectives stay out of count_collectives(), so the op's pinned contract
+    # holds with checks on; they are counted in _state.checks / _state.check_bytes instead.
+    counters = comm._active_counters()
+    hidden = list(counters)
+    counters.clear()
     _state.busy = True
     try:
         desc = _describe(kind, tensor)
         codes = torch.tensor(_encode(desc, tensor), dtype=torch.int64, device=_check_device(group))
         world = group_size(group)
+        _state.checks = getattr(_state, "checks", 0) + 1
+        _state.check_bytes = getattr(_state, "check_bytes", 0) + codes.nbytes
         rows = comm.all_gather_uneven(codes, group).view(world, _DESC_LEN).tolist()  # host sync: debug only
         if all(row == rows[0] for row in rows):
             return
@@ -156,6 +164,7 @@ def _consistency_hook(kind: str, tensor: torch.Tensor, group: Group) -> None:
         raise RuntimeError(_mismatch_message(descs, group))
     finally:
         _state.busy = False
+        counters.extend(hidden)
 
 
 def _thread_hook(kind: str, tensor: torch.Tensor, group: Group) -> None:
@@ -178,6 +187,11 @@ def enable_consistency_checks(enabled: bool = True) -> bool:
     return was
 
 
+def consistency_check_stats() -> tuple[int, int]:
+    """``(checks, bytes)`` this thread's consistency checks have issued so far (one all-gather each)."""
+    return getattr(_state, "checks", 0), getattr(_state, "check_bytes", 0)
+
+
 def consistency_checks_enabled() -> bool:
     """Whether :func:`enable_consistency_checks` is on (the context manager is not counted)."""
     return _consistency_hook in comm._GLOBAL_HOOKS
@@ -194,8 +208,9 @@ def consistency_checks() -> Iterator[None]:
     differ, every rank raises the same RuntimeError naming the op and each rank's value; a rank
     that has died or never arrives still gives the process group's timeout error.
 
-    Cost: 1 extra all-gather (112 B per rank) and a host sync per collective; ``count_collectives``
-    sees these all-gathers. Covers this thread only: a CPU backward runs on the calling thread, a
+    Cost: 1 extra all-gather (112 B per rank) and a host sync per collective; these all-gathers
+    are kept out of ``count_collectives`` (so pinned contracts hold with checks on) and counted by
+    :func:`consistency_check_stats` instead. Covers this thread only: a CPU backward runs on the calling thread, a
     CUDA backward on autograd's device threads — use :func:`enable_consistency_checks` there.
     Every rank must enter the block alike.
     """

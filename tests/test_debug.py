@@ -28,11 +28,13 @@ def _group(world):
 def _agreeing_ops(rank, x_full, world, checked):
     group = _group(world)
     x = split_for_world(x_full, world)[rank].requires_grad_()
+    before = debug.consistency_check_stats()
     with debug.consistency_checks() if checked else contextlib.nullcontext(), count_collectives() as c:
         y = comm.gather_along(x, group, dim=0, sizes=shard_sizes(x_full.shape[0], world))  # uneven
         z = comm.reduce_from_group(y * (rank + 1), group)
         comm.reduce_scatter_along(z, group).sum().backward()
-    return y.detach(), x.grad, c
+    after = debug.consistency_check_stats()
+    return y.detach(), x.grad, c, (after[0] - before[0], after[1] - before[1])
 
 
 @pytest.mark.parametrize("world", WORLDS)
@@ -40,17 +42,18 @@ def test_consistency_checks_pass_agreeing_ranks_and_cost_one_all_gather_each(wor
     x_full = torch.randn(10, 3, dtype=torch.float64)
     plain = simulate(world, _agreeing_ops, x_full, world, False, timeout=TIMEOUT)
     checked = simulate(world, _agreeing_ops, x_full, world, True, timeout=TIMEOUT)
-    for (y, grad, c), (_, grad0, c0) in zip(checked, plain):
+    for (y, grad, c, checks), (_, grad0, c0, checks0) in zip(checked, plain):
         torch.testing.assert_close(y, x_full, rtol=0, atol=0)
         torch.testing.assert_close(grad, grad0, rtol=0, atol=0)
+        assert c.counts == c0.counts and c.bytes == c0.bytes  # the op's pinned contract is unchanged
+        assert checks0 == (0, 0)
         if world == 1:
-            assert c.counts == {}
+            assert c.counts == {} and checks == (0, 0)
         else:
             # fwd all-gather, all-reduce, reduce-scatter; bwd all-gather and reduce-scatter: each of
             # the 5 is preceded by one check all-gather of 14 int64.
             assert c0.counts == {"all_gather": 2, "all_reduce": 1, "reduce_scatter": 2}
-            assert c.counts == {"all_gather": 2 + 5, "all_reduce": 1, "reduce_scatter": 2}
-            assert c.bytes["all_gather"] - c0.bytes["all_gather"] == 5 * 14 * 8
+            assert checks == (5, 5 * 14 * 8)
 
 
 def _token_mismatch(rank, world, spawned=False):
@@ -185,18 +188,19 @@ def test_config_flag_checks_every_thread_and_turns_off():
 
 
 def _flag_and_context(rank, world):
+    before = debug.consistency_check_stats()[0]
     with debug.consistency_checks(), count_collectives() as c:
         comm.all_reduce_(torch.ones(3), dist.group.WORLD)
-    return c.counts
+    return c.counts, debug.consistency_check_stats()[0] - before
 
 
 def test_flag_and_context_manager_check_once():
     debug.enable_consistency_checks(True)
     try:
-        counts = simulate(2, _flag_and_context, 2, timeout=TIMEOUT)
+        outs = simulate(2, _flag_and_context, 2, timeout=TIMEOUT)
     finally:
         debug.enable_consistency_checks(False)
-    assert counts == [{"all_gather": 1, "all_reduce": 1}] * 2
+    assert outs == [({"all_reduce": 1}, 1)] * 2
 
 
 # --------------------------------------------------------------------------------------------

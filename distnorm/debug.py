@@ -25,6 +25,7 @@ Costs (all off unless asked for):
 from __future__ import annotations
 
 import contextlib
+import functools
 import sys
 import threading
 import zlib
@@ -80,6 +81,17 @@ def _qualname(frame: FrameType) -> str:
     return f"{frame.f_globals.get('__name__', '?')}.{getattr(code, 'co_qualname', code.co_name)}"
 
 
+@functools.cache
+def _frame_kind(path: str) -> str:
+    """``"ours"`` (comm / debug), ``"torch"`` (torch or a ``<frozen ...>`` frame) or ``"caller"``."""
+    if path.startswith("<"):
+        return "torch"
+    resolved = str(Path(path).resolve())
+    if resolved in _SKIP_FILES:
+        return "ours"
+    return "torch" if resolved.startswith(_TORCH_DIR) else "caller"
+
+
 def _call_site() -> str:
     """The function that issued the collective: the first frame outside comm, debug and torch.
 
@@ -88,11 +100,8 @@ def _call_site() -> str:
     """
     frame: FrameType | None = sys._getframe(2)
     while frame is not None:
-        path = frame.f_code.co_filename
-        if path in _SKIP_FILES or str(Path(path).resolve()) in _SKIP_FILES:
-            if frame.f_code.co_name == "backward":
-                return _qualname(frame)
-        elif not path.startswith(_TORCH_DIR) and not path.startswith("<"):
+        kind = _frame_kind(frame.f_code.co_filename)
+        if kind == "caller" or (kind == "ours" and frame.f_code.co_name == "backward"):
             return _qualname(frame)
         frame = frame.f_back
     return "<unknown>"

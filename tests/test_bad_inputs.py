@@ -535,6 +535,49 @@ def test_count_collectives_zero_size_and_local_path():
 
 
 # --------------------------------------------------------------------------------------------
+# Conversion and config (launch/conversion issue)
+# --------------------------------------------------------------------------------------------
+
+CONVERT_NAMES = ["to_sequence_parallel", "to_sharded", "to_sync_batch_norm", "to_power_norm", "to_unified_norm"]
+
+
+def test_convert_norms_bad_arguments():
+    convert = pytest.importorskip("distnorm.convert")
+    with pytest.raises(TypeError, match=r"convert_norms: model must be an nn.Module, got Tensor"):
+        convert.convert_norms(torch.ones(2), lambda m: None)
+    with pytest.raises(TypeError, match=r"convert_norms: factory must be callable"):
+        convert.convert_norms(nn.Linear(2, 2), 3)
+    with pytest.raises(TypeError, match=r"convert_norms: factory returned int"):
+        convert.convert_norms(nn.Sequential(nn.LayerNorm(H)), lambda m: 3 if isinstance(m, nn.LayerNorm) else None)
+
+
+@pytest.mark.parametrize("name", CONVERT_NAMES)
+def test_conversion_factory_wrong_group(name):
+    convert = pytest.importorskip("distnorm.convert")
+    norm = nn.LayerNorm(H) if name in ("to_sequence_parallel", "to_sharded") else nn.BatchNorm1d(H)
+    with pytest.raises(TypeError, match=r"group must be a torch.distributed.ProcessGroup or None, got int 2"):
+        convert.convert_norms(nn.Sequential(norm), getattr(convert, name)(2))
+
+
+def test_fold_and_pre_ln_bad_arguments():
+    convert = pytest.importorskip("distnorm.convert")
+    with pytest.raises(ValueError, match=r"fold_norms: the model must be in eval mode"):
+        convert.fold_norms(nn.Sequential(nn.BatchNorm1d(H), nn.Linear(H, 2)).train(), torch.randn(4, H))
+    with pytest.raises(ValueError, match=r"pre_ln_to_pre_rmsnorm: expected a GPT-2-style model"):
+        convert.pre_ln_to_pre_rmsnorm(nn.Linear(2, 2))
+
+
+def test_dist_norm_config_bad_values():
+    config = pytest.importorskip("distnorm.config")
+    with pytest.raises(ValueError, match=r"distnorm.bogus: unknown key \(value 1\); valid keys"):
+        config.DistNormConfig.from_dict({"bogus": 1})
+    with pytest.raises(ValueError, match=r"distnorm.tp_size: must be an int >= 1, got 0"):
+        config.DistNormConfig.from_dict({"tp_size": 0})
+    with pytest.raises(TypeError, match=r"distnorm.tp_size: must be int, got str '2'"):
+        config.DistNormConfig.from_dict({"tp_size": "2"})
+
+
+# --------------------------------------------------------------------------------------------
 # Coverage: every public name has a row above
 # --------------------------------------------------------------------------------------------
 
@@ -542,6 +585,7 @@ COVERED = {
     *(_NAME[n] for n in TP_NORMS), *LINEARS, *DP_NORMS, "EvoNormS0", *(c[0] for c in FUNCTION_CASES),
     "Topology", "init_distributed", "count_collectives",
     FUSED, "plan_token_split", "TokenSplitPlan", "DeviceProfile", "TokenWeaver",
+    "convert_norms", *CONVERT_NAMES, "fold_norms", "pre_ln_to_pre_rmsnorm", "DistNormConfig",
 }
 # Public names with no input to get wrong, with the reason.
 NOT_APPLICABLE: dict[str, str] = {}

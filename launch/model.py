@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -241,7 +240,3 @@ class GPT(nn.Module):
         loss_local = F.cross_entropy(logits.float(), t_shard, reduction="sum") / n
         return comm.reduce_from_group(loss_local, self.tp_group)
 
-
-def default_stats_group(tp_size: int) -> Group:
-    """The group batch-statistics norms pool over: every rank (tokens are split over DP and TP)."""
-    return dist.group.WORLD if dist.is_initialized() and dist.get_world_size() > 1 else None

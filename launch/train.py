@@ -22,10 +22,14 @@ import math
 import os
 import sys
 import time
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
 
 if __package__ in (None, ""):  # `python launch/train.py`: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -37,7 +41,7 @@ from torch import nn
 import distnorm as dn
 from distnorm import comm
 from distnorm.config import from_dict
-from distnorm.topology import Topology, detect_launcher
+from distnorm.topology import Topology
 from launch.data import Batches, load_corpus
 from launch.model import GPT, ModelConfig
 

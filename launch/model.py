@@ -192,7 +192,7 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    """``idx [B, T] int64`` (replicated over TP) -> loss (float32 scalar, mean over this DP rank's tokens).
+    """``idx [B, T] int64`` (replicated over TP) -> loss (scalar, at least float32; mean over this DP rank's tokens).
 
     Collectives per step (TP = P > 1), besides the blocks': fwd 1 all-reduce of the loss (4 B);
     bwd 1 all-gather of the embedding output gradient, 1 all-reduce of the LM head gradient.
@@ -237,6 +237,7 @@ class GPT(nn.Module):
         logits = F.linear(x_shard, comm.copy_to_group(self.lm_head, self.tp_group))
         r = group_rank(self.tp_group)
         t_shard = targets.reshape(n).narrow(0, shard_offsets(n, tp)[r], shard_sizes(n, tp)[r])
-        loss_local = F.cross_entropy(logits.float(), t_shard, reduction="sum") / n
+        logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+        loss_local = F.cross_entropy(logits, t_shard, reduction="sum") / n
         return comm.reduce_from_group(loss_local, self.tp_group)
 

@@ -43,6 +43,12 @@ _EXPORTS: dict[str, str] = {
     "sync_running_stats": "distnorm.data_parallel",
     "broadcast_running_stats": "distnorm.data_parallel",
     "recalibrate": "distnorm.data_parallel",
+    # overlap
+    "fused_allreduce_rms_norm": "distnorm.overlap",
+    "plan_token_split": "distnorm.overlap",
+    "TokenWeaver": "distnorm.overlap",
+    "TokenSplitPlan": "distnorm.overlap",
+    "DeviceProfile": "distnorm.overlap",
     # conversion
     "convert_norms": "distnorm.convert",
     "to_sequence_parallel": "distnorm.convert",

@@ -35,6 +35,7 @@ import torch.distributed as dist
 
 __all__ = [
     "CollectiveCounts",
+    "PendingCollective",
     "all_gather_object",
     "all_gather_uneven",
     "all_reduce_",
@@ -44,12 +45,15 @@ __all__ = [
     "gather_along",
     "group_rank",
     "group_size",
+    "record_collective",
     "reduce_from_group",
     "reduce_scatter_along",
     "reduce_scatter_uneven",
     "scatter_along",
     "shard_offsets",
     "shard_sizes",
+    "start_all_gather_uneven",
+    "start_reduce_scatter_uneven",
 ]
 
 Group = dist.ProcessGroup | None
@@ -201,6 +205,17 @@ def _record(kind: str, tensor: torch.Tensor, group: Group, nbytes: int | None = 
         counts.add(kind, size)
 
 
+def record_collective(kind: str, tensor: torch.Tensor, group: Group, nbytes: int | None = None) -> None:
+    """Record a collective issued outside ``torch.distributed``'s process-group calls.
+
+    For ops that move data by other means (torch symmetric memory's one-shot/two-shot/multimem
+    kernels) so that :func:`count_collectives` still sees them. ``nbytes`` defaults to
+    ``tensor.nbytes``.
+    """
+    if group_size(group) > 1:
+        _record(kind, tensor, group, nbytes)
+
+
 # --------------------------------------------------------------------------------------------
 # Plain helpers (no autograd)
 # --------------------------------------------------------------------------------------------
@@ -271,6 +286,29 @@ def _pad_along(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:
     return torch.cat([t, t.new_zeros(shape)], dim=dim)
 
 
+class PendingCollective:
+    """An issued asynchronous collective; ``wait()`` completes it and returns its result tensor.
+
+    Returned by the ``start_*`` helpers (and usable as a completed stand-in on the local path).
+    ``wait()`` may be called more than once; the work handle is waited for the first time only.
+    """
+
+    def __init__(self, work: Any, finish: Callable[[], torch.Tensor]) -> None:
+        self._work, self._finish = work, finish
+        self._result: torch.Tensor | None = None
+
+    def wait(self) -> torch.Tensor:
+        if self._result is None:
+            if self._work is not None:
+                self._work.wait()
+            self._result = self._finish()
+        return self._result
+
+    @classmethod
+    def done(cls, result: torch.Tensor) -> PendingCollective:
+        return cls(None, lambda: result)
+
+
 def all_gather_uneven(
     tensor: torch.Tensor, group: Group, *, dim: int = 0, sizes: Sequence[int] | None = None
 ) -> torch.Tensor:
@@ -280,9 +318,17 @@ def all_gather_uneven(
     extent. A local tensor whose extent differs from ``sizes[rank]`` is a ValueError.
     Collective: 1 all-gather of ``max(sizes)`` slices per rank.
     """
+    return start_all_gather_uneven(tensor, group, dim=dim, sizes=sizes, async_op=False).wait()
+
+
+def start_all_gather_uneven(
+    tensor: torch.Tensor, group: Group, *, dim: int = 0, sizes: Sequence[int] | None = None,
+    async_op: bool = True,
+) -> PendingCollective:
+    """:func:`all_gather_uneven`, issued asynchronously: ``.wait()`` returns the gathered tensor."""
     world = group_size(group)
     if world == 1:
-        return tensor
+        return PendingCollective.done(tensor)
     dim = dim % tensor.dim()
     rank = group_rank(group)
     sizes = [tensor.shape[dim]] * world if sizes is None else _check_sizes(sizes, world, "all_gather_uneven")
@@ -295,10 +341,13 @@ def all_gather_uneven(
     padded = _pad_along(tensor, dim, largest)
     parts = [torch.empty_like(padded) for _ in range(world)]
     _record("all_gather", padded, group)
-    dist.all_gather(parts, padded, group=group)
-    if any(s != largest for s in sizes):
-        parts = [p.narrow(dim, 0, s) for p, s in zip(parts, sizes, strict=True)]
-    return torch.cat(parts, dim=dim)
+    work = dist.all_gather(parts, padded, group=group, async_op=async_op)
+
+    def finish() -> torch.Tensor:
+        kept = parts if all(s == largest for s in sizes) else [p.narrow(dim, 0, s) for p, s in zip(parts, sizes, strict=True)]
+        return torch.cat(kept, dim=dim)
+
+    return PendingCollective(work if async_op else None, finish)
 
 
 def reduce_scatter_uneven(
@@ -309,9 +358,17 @@ def reduce_scatter_uneven(
     ``sizes`` defaults to ``shard_sizes(tensor.shape[dim], world)``; their sum must equal the
     extent of ``dim``. Collective: 1 reduce-scatter of ``world * max(sizes)`` slices.
     """
+    return start_reduce_scatter_uneven(tensor, group, dim=dim, sizes=sizes, async_op=False).wait()
+
+
+def start_reduce_scatter_uneven(
+    tensor: torch.Tensor, group: Group, *, dim: int = 0, sizes: Sequence[int] | None = None,
+    async_op: bool = True,
+) -> PendingCollective:
+    """:func:`reduce_scatter_uneven`, issued asynchronously: ``.wait()`` returns this rank's slice."""
     world = group_size(group)
     if world == 1:
-        return tensor
+        return PendingCollective.done(tensor)
     dim = dim % tensor.dim()
     n = tensor.shape[dim]
     sizes = shard_sizes(n, world) if sizes is None else _check_sizes(sizes, world, "reduce_scatter_uneven")
@@ -324,8 +381,9 @@ def reduce_scatter_uneven(
     chunks = [_pad_along(c, dim, largest) for c in tensor.split(sizes, dim=dim)]
     out = torch.empty_like(chunks[0])
     _record("reduce_scatter", tensor, group, nbytes=sum(c.numel() for c in chunks) * tensor.element_size())
-    dist.reduce_scatter(out, chunks, group=group)
-    return out.narrow(dim, 0, sizes[group_rank(group)])
+    work = dist.reduce_scatter(out, chunks, group=group, async_op=async_op)
+    mine = sizes[group_rank(group)]
+    return PendingCollective(work if async_op else None, lambda: out.narrow(dim, 0, mine))
 
 
 def _local_slice(tensor: torch.Tensor, group: Group, dim: int, sizes: Sequence[int] | None) -> torch.Tensor:

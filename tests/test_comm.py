@@ -284,3 +284,25 @@ def test_nested_counters_each_see_inner_collectives():
 
     for outer, inner in simulate(2, fn, timeout=30):
         assert outer == {"all_reduce": 2} and inner == {"all_reduce": 1}
+
+
+def _start_rank(rank, world, x_full):
+    group = torch.distributed.group.WORLD
+    sizes = shard_sizes(x_full.shape[0], world)
+    with count_collectives() as c:
+        rs = comm.start_reduce_scatter_uneven(x_full * (rank + 1), group)
+        ag = comm.start_all_gather_uneven(split_for_world(x_full, world)[rank], group, sizes=sizes)
+        out = rs.wait(), ag.wait(), rs.wait()
+    return out, c.counts
+
+
+@pytest.mark.parametrize("world", [1, 3])
+def test_start_helpers_complete_on_wait(world):
+    x = torch.randn(7, 3, dtype=torch.float64)
+    outs = simulate(world, _start_rank, world, x, timeout=60)
+    total = sum(range(1, world + 1))
+    for rank, ((rs, ag, rs_again), counts) in enumerate(outs):
+        torch.testing.assert_close(rs, split_for_world(x, world)[rank] * total, rtol=0, atol=1e-12)
+        assert rs_again is rs
+        torch.testing.assert_close(ag, x, rtol=0, atol=0)
+        assert counts == ({} if world == 1 else {"reduce_scatter": 1, "all_gather": 1})

@@ -14,7 +14,7 @@ import torch
 from distnorm import comm
 from distnorm.comm import Group
 
-__all__ = ["channel_sums", "moments_from_sums", "synced_moments", "to_rows"]
+__all__ = ["channel_sums", "channel_view", "moments_from_sums", "synced_moments", "to_rows"]
 
 
 def to_rows(x: torch.Tensor, channel_dim: int, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -42,6 +42,12 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
+def channel_view(v: torch.Tensor, ndim: int, channel_dim: int) -> torch.Tensor:
+    """Per-channel vector ``v [C]`` viewed to broadcast against an ``ndim``-d input."""
+    c_dim = channel_dim % ndim
+    return v.reshape(v.shape[0], *([1] * (ndim - c_dim - 1)))
+
+
 def channel_sums(
     x: torch.Tensor,
     channel_dim: int = 1,
@@ -51,19 +57,28 @@ def channel_sums(
 ) -> torch.Tensor:
     """Packed local sums ``[sum(x - shift) (C), sum((x - shift)^2) (C), n (1)]`` in ``dtype``.
 
-    No host sync: masking multiplies by the mask instead of indexing.
+    Reduces over every dim but ``channel_dim`` in place (no channels-last copy of ``x``). No host
+    sync: masking multiplies by the mask instead of indexing. An empty ``x`` gives zeros.
     """
-    rows, keep = to_rows(x, channel_dim, mask)
-    rows = rows.to(dtype)
+    c_dim = channel_dim % x.dim()
+    dims = [d for d in range(x.dim()) if d != c_dim]
+    xs = x.to(dtype)
     if shift is not None:
-        rows = rows - shift.to(dtype)
-    if keep is None:
-        n = torch.full((1,), rows.shape[0], dtype=dtype, device=x.device)
-        s1, s2 = rows.sum(0), rows.square().sum(0)
+        xs = xs - channel_view(shift.to(dtype), x.dim(), c_dim)
+    if mask is None:
+        n = torch.full((1,), x.numel() // max(x.shape[c_dim], 1), dtype=dtype, device=x.device)
+        s1, s2 = xs.sum(dims), xs.square().sum(dims)
     else:
-        w = keep.to(dtype).unsqueeze(1)
+        expected = tuple(s for i, s in enumerate(x.shape) if i != c_dim)
+        if tuple(mask.shape) != expected:
+            raise ValueError(
+                f"mask must have the input's shape without the channel dim {expected}, got "
+                f"{tuple(mask.shape)} (rank {_rank()})"
+            )
+        w = mask.unsqueeze(c_dim).to(dtype)
+        xw = xs * w
         n = w.sum().reshape(1)
-        s1, s2 = (rows * w).sum(0), (rows.square() * w).sum(0)
+        s1, s2 = xw.sum(dims), (xw * xs).sum(dims)
     return torch.cat([s1, s2, n])
 
 

@@ -74,7 +74,7 @@ def _x_hat(x2d: torch.Tensor, mean: torch.Tensor | None, rstd: torch.Tensor) -> 
 # --------------------------------------------------------------------------------------------
 
 
-def norm_partial_stats(x2d: torch.Tensor, *, rms: bool) -> torch.Tensor:
+def _norm_partial_stats_torch(x2d: torch.Tensor, *, rms: bool) -> torch.Tensor:
     """Per-token statistics of this rank's columns, before the cross-shard exchange.
 
     ``x2d [T, H_local] -> [T, 1]`` (``Σx²``) for RMSNorm, ``[T, 2]`` (local mean, local
@@ -94,7 +94,7 @@ def norm_partial_stats(x2d: torch.Tensor, *, rms: bool) -> torch.Tensor:
     return torch.cat([mean_hi + c, m2.clamp_min(0.0)], dim=-1)
 
 
-def norm_fwd_with_stats(
+def _norm_fwd_with_stats_torch(
     x2d: torch.Tensor,
     mean: torch.Tensor | None,
     rstd: torch.Tensor,
@@ -112,7 +112,7 @@ def norm_fwd_with_stats(
     return y.to(x2d.dtype)
 
 
-def norm_bwd_partial(
+def _norm_bwd_partial_torch(
     dy: torch.Tensor,
     x2d: torch.Tensor,
     weight: torch.Tensor | None,
@@ -144,7 +144,7 @@ def norm_bwd_partial(
     return sums, dw, db
 
 
-def norm_bwd_finish(
+def _norm_bwd_finish_torch(
     dy: torch.Tensor,
     x2d: torch.Tensor,
     weight: torch.Tensor | None,
@@ -176,7 +176,7 @@ def norm_bwd_finish(
 # --------------------------------------------------------------------------------------------
 
 
-def layer_norm_fwd(
+def _layer_norm_fwd_torch(
     x2d: torch.Tensor,
     weight: torch.Tensor | None,
     bias: torch.Tensor | None,
@@ -186,15 +186,15 @@ def layer_norm_fwd(
     output_scale: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """LayerNorm of whole rows. ``x2d [T, H] -> (y [T, H] in x2d.dtype, mean [T], rstd [T])``, two-pass stats."""
-    stats = norm_partial_stats(x2d, rms=False)
+    stats = _norm_partial_stats_torch(x2d, rms=False)
     mean = stats[:, 0]
     rstd = torch.rsqrt(stats[:, 1] / x2d.shape[-1] + eps)
-    y = norm_fwd_with_stats(x2d, mean, rstd, weight, bias,
+    y = _norm_fwd_with_stats_torch(x2d, mean, rstd, weight, bias,
                             zero_centered_gamma=zero_centered_gamma, output_scale=output_scale)
     return y, mean, rstd
 
 
-def layer_norm_bwd(
+def _layer_norm_bwd_torch(
     dy: torch.Tensor,
     x2d: torch.Tensor,
     weight: torch.Tensor | None,
@@ -207,12 +207,12 @@ def layer_norm_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """LayerNorm backward of whole rows: ``(dx [T, H] in x2d.dtype, dw [H] | None, db [H] | None)``, dw/db in the stats dtype."""
     kw = {"zero_centered_gamma": zero_centered_gamma, "output_scale": output_scale}
-    sums, dw, db = norm_bwd_partial(dy, x2d, weight, mean, rstd, has_bias=has_bias, **kw)  # type: ignore[arg-type]
-    dx = norm_bwd_finish(dy, x2d, weight, mean, rstd, sums, x2d.shape[-1], **kw)  # type: ignore[arg-type]
+    sums, dw, db = _norm_bwd_partial_torch(dy, x2d, weight, mean, rstd, has_bias=has_bias, **kw)  # type: ignore[arg-type]
+    dx = _norm_bwd_finish_torch(dy, x2d, weight, mean, rstd, sums, x2d.shape[-1], **kw)  # type: ignore[arg-type]
     return dx, dw, db
 
 
-def rms_norm_fwd(
+def _rms_norm_fwd_torch(
     x2d: torch.Tensor,
     weight: torch.Tensor | None,
     eps: float,
@@ -221,13 +221,13 @@ def rms_norm_fwd(
     output_scale: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """RMSNorm of whole rows. ``x2d [T, H] -> (y [T, H] in x2d.dtype, rstd [T])``."""
-    rstd = torch.rsqrt(norm_partial_stats(x2d, rms=True)[:, 0] / x2d.shape[-1] + eps)
-    y = norm_fwd_with_stats(x2d, None, rstd, weight, None,
+    rstd = torch.rsqrt(_norm_partial_stats_torch(x2d, rms=True)[:, 0] / x2d.shape[-1] + eps)
+    y = _norm_fwd_with_stats_torch(x2d, None, rstd, weight, None,
                             zero_centered_gamma=zero_centered_gamma, output_scale=output_scale)
     return y, rstd
 
 
-def rms_norm_bwd(
+def _rms_norm_bwd_torch(
     dy: torch.Tensor,
     x2d: torch.Tensor,
     weight: torch.Tensor | None,
@@ -238,9 +238,126 @@ def rms_norm_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """RMSNorm backward of whole rows: ``(dx [T, H] in x2d.dtype, dw [H] | None)``, dw in the stats dtype."""
     kw = {"zero_centered_gamma": zero_centered_gamma, "output_scale": output_scale}
-    sums, dw, _ = norm_bwd_partial(dy, x2d, weight, None, rstd, **kw)  # type: ignore[arg-type]
-    dx = norm_bwd_finish(dy, x2d, weight, None, rstd, sums, x2d.shape[-1], **kw)  # type: ignore[arg-type]
+    sums, dw, _ = _norm_bwd_partial_torch(dy, x2d, weight, None, rstd, **kw)  # type: ignore[arg-type]
+    dx = _norm_bwd_finish_torch(dy, x2d, weight, None, rstd, sums, x2d.shape[-1], **kw)  # type: ignore[arg-type]
     return dx, dw
+
+
+# --------------------------------------------------------------------------------------------
+# Dispatch: CUDA tensors go to the Triton kernels (distnorm.kernels) when they can run there;
+# everything else runs the torch math above. backend="torch" | "triton" forces a path per call.
+# --------------------------------------------------------------------------------------------
+
+
+def _use_triton(x2d: torch.Tensor, backend: str, where: str) -> bool:
+    if backend == "torch":
+        return False
+    if backend == "auto" and not x2d.is_cuda:
+        return False  # no import of distnorm.kernels (nor Triton) on the CPU path
+    from distnorm import kernels
+
+    return kernels.resolve_backend(x2d, backend, where=where) == "triton"  # type: ignore[arg-type]
+
+
+def _stats_cast(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
+    return None if t is None else t.to(stats_dtype(like.dtype))
+
+
+def norm_partial_stats(x2d: torch.Tensor, *, rms: bool, backend: str = "auto") -> torch.Tensor:
+    """Per-token statistics of this rank's columns; see :func:`_norm_partial_stats_torch` (shapes, dtypes)."""
+    if _use_triton(x2d, backend, "norm_partial_stats"):
+        from distnorm import kernels
+
+        return kernels.norm_partial_stats(x2d, rms=rms, backend="triton")
+    return _norm_partial_stats_torch(x2d, rms=rms)
+
+
+def norm_fwd_with_stats(x2d: torch.Tensor, mean: torch.Tensor | None, rstd: torch.Tensor,
+                        weight: torch.Tensor | None, bias: torch.Tensor | None, *, zero_centered_gamma: bool = False,
+                        output_scale: float = 1.0, backend: str = "auto") -> torch.Tensor:
+    """Normalise with given statistics; see :func:`_norm_fwd_with_stats_torch`."""
+    kw = {"zero_centered_gamma": zero_centered_gamma, "output_scale": output_scale}
+    if _use_triton(x2d, backend, "norm_fwd_with_stats"):
+        from distnorm import kernels
+
+        return kernels.norm_fwd_with_stats(x2d, mean, rstd, weight, bias, backend="triton", **kw)  # type: ignore[arg-type]
+    return _norm_fwd_with_stats_torch(x2d, mean, rstd, weight, bias, **kw)  # type: ignore[arg-type]
+
+
+def norm_bwd_partial(dy: torch.Tensor, x2d: torch.Tensor, weight: torch.Tensor | None, mean: torch.Tensor | None,
+                     rstd: torch.Tensor, *, zero_centered_gamma: bool = False, output_scale: float = 1.0,
+                     has_bias: bool = False, backend: str = "auto",
+                     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Per-token backward sums and local dw/db (stats dtype); see :func:`_norm_bwd_partial_torch`."""
+    kw = {"zero_centered_gamma": zero_centered_gamma, "output_scale": output_scale, "has_bias": has_bias}
+    if _use_triton(x2d, backend, "norm_bwd_partial"):
+        from distnorm import kernels
+
+        sums, dw, db = kernels.norm_bwd_partial(dy, x2d, weight, mean, rstd, backend="triton", **kw)  # type: ignore[arg-type]
+        return sums, _stats_cast(dw, x2d), _stats_cast(db, x2d)
+    return _norm_bwd_partial_torch(dy, x2d, weight, mean, rstd, **kw)  # type: ignore[arg-type]
+
+
+def norm_bwd_finish(dy: torch.Tensor, x2d: torch.Tensor, weight: torch.Tensor | None, mean: torch.Tensor | None,
+                    rstd: torch.Tensor, sums: torch.Tensor, n_total: int, *, zero_centered_gamma: bool = False,
+                    output_scale: float = 1.0, backend: str = "auto") -> torch.Tensor:
+    """Input gradient from the reduced ``sums``; see :func:`_norm_bwd_finish_torch`."""
+    kw = {"zero_centered_gamma": zero_centered_gamma, "output_scale": output_scale}
+    if _use_triton(x2d, backend, "norm_bwd_finish"):
+        from distnorm import kernels
+
+        return kernels.norm_bwd_finish(dy, x2d, weight, mean, rstd, sums, n_total, backend="triton", **kw)  # type: ignore[arg-type]
+    return _norm_bwd_finish_torch(dy, x2d, weight, mean, rstd, sums, n_total, **kw)  # type: ignore[arg-type]
+
+
+def layer_norm_fwd(x2d: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float, *,
+                   zero_centered_gamma: bool = False, output_scale: float = 1.0, backend: str = "auto",
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """LayerNorm of whole rows; see :func:`_layer_norm_fwd_torch`."""
+    kw = {"zero_centered_gamma": zero_centered_gamma, "output_scale": output_scale}
+    if _use_triton(x2d, backend, "layer_norm_fwd"):
+        from distnorm import kernels
+
+        return kernels.layer_norm_fwd(x2d, weight, bias, eps, backend="triton", **kw)  # type: ignore[arg-type]
+    return _layer_norm_fwd_torch(x2d, weight, bias, eps, **kw)  # type: ignore[arg-type]
+
+
+def layer_norm_bwd(dy: torch.Tensor, x2d: torch.Tensor, weight: torch.Tensor | None, mean: torch.Tensor,
+                   rstd: torch.Tensor, *, zero_centered_gamma: bool = False, output_scale: float = 1.0,
+                   has_bias: bool = True, backend: str = "auto",
+                   ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """LayerNorm backward of whole rows (dw/db in the stats dtype); see :func:`_layer_norm_bwd_torch`."""
+    kw = {"zero_centered_gamma": zero_centered_gamma, "output_scale": output_scale, "has_bias": has_bias}
+    if _use_triton(x2d, backend, "layer_norm_bwd"):
+        from distnorm import kernels
+
+        dx, dw, db = kernels.layer_norm_bwd(dy, x2d, weight, mean, rstd, backend="triton", **kw)  # type: ignore[arg-type]
+        return dx, _stats_cast(dw, x2d), _stats_cast(db, x2d)
+    return _layer_norm_bwd_torch(dy, x2d, weight, mean, rstd, **kw)  # type: ignore[arg-type]
+
+
+def rms_norm_fwd(x2d: torch.Tensor, weight: torch.Tensor | None, eps: float, *, zero_centered_gamma: bool = False,
+                 output_scale: float = 1.0, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """RMSNorm of whole rows; see :func:`_rms_norm_fwd_torch`."""
+    kw = {"zero_centered_gamma": zero_centered_gamma, "output_scale": output_scale}
+    if _use_triton(x2d, backend, "rms_norm_fwd"):
+        from distnorm import kernels
+
+        return kernels.rms_norm_fwd(x2d, weight, eps, backend="triton", **kw)  # type: ignore[arg-type]
+    return _rms_norm_fwd_torch(x2d, weight, eps, **kw)  # type: ignore[arg-type]
+
+
+def rms_norm_bwd(dy: torch.Tensor, x2d: torch.Tensor, weight: torch.Tensor | None, rstd: torch.Tensor, *,
+                 zero_centered_gamma: bool = False, output_scale: float = 1.0, backend: str = "auto",
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """RMSNorm backward of whole rows (dw in the stats dtype); see :func:`_rms_norm_bwd_torch`."""
+    kw = {"zero_centered_gamma": zero_centered_gamma, "output_scale": output_scale}
+    if _use_triton(x2d, backend, "rms_norm_bwd"):
+        from distnorm import kernels
+
+        dx, dw = kernels.rms_norm_bwd(dy, x2d, weight, rstd, backend="triton", **kw)  # type: ignore[arg-type]
+        return dx, _stats_cast(dw, x2d)
+    return _rms_norm_bwd_torch(dy, x2d, weight, rstd, **kw)  # type: ignore[arg-type]
 
 
 # --------------------------------------------------------------------------------------------

@@ -104,6 +104,8 @@ class NormBase(nn.Module):
     when hidden-sharded) and implement a one-line ``forward``.
     """
 
+    has_bias_option = True  # LayerNorm-style; RMSNorm-style subclasses set False (no ``bias`` in repr)
+
     def __init__(
         self,
         cls: str,
@@ -147,7 +149,7 @@ class NormBase(nn.Module):
         if self.local_size != self.normalized_shape:
             s += f" (local {self.local_size})"
         s += f", eps={self.eps}, elementwise_affine={self.elementwise_affine}"
-        if self.elementwise_affine:
+        if self.elementwise_affine and self.has_bias_option:
             s += f", bias={self.bias is not None}"
         if self.zero_centered_gamma:
             s += ", zero_centered_gamma=True"

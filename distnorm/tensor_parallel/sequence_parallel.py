@@ -97,9 +97,9 @@ def sequence_parallel_norm(
 
     ``x [*, H]`` (this rank's tokens) -> ``y [*, H]`` in ``x.dtype``; ``weight``/``bias [H]``.
     Collectives (P > 1): fwd none; bwd with ``grad_sync="backward"`` 1 all-reduce of the flat
-    ``[dw, db]`` in the stats dtype (4 B per parameter element, 8 for float64 inputs) per call
-    (not per token), none with
-    ``"deferred"`` (see :func:`sync_sequence_parallel_grads`). ``group`` None or P == 1: none.
+    ``[dw, db]`` in the stats dtype (4 B per parameter element, 8 for float64 inputs) per call,
+    not per token; none with ``"deferred"`` (see :func:`sync_sequence_parallel_grads`).
+    ``group`` None or P == 1: none.
     """
     if grad_sync not in GRAD_SYNC_MODES:
         raise ValueError(f"grad_sync must be one of {GRAD_SYNC_MODES}, got {grad_sync!r} {where(group)}")
@@ -174,6 +174,8 @@ class SequenceParallelRMSNorm(SequenceParallelNorm):
     Collectives (P > 1): fwd none; bwd 1 all-reduce of ``H`` fp32 numbers per call (fp64 for fp64 x)
     (``grad_sync="backward"``), or none (``"deferred"``). ``group`` None or P == 1: none.
     """
+
+    has_bias_option = False
 
     def __init__(self, normalized_shape: int, eps: float = 1e-6, elementwise_affine: bool = True, *,
                  zero_centered_gamma: bool = False, output_scale: float = 1.0, grad_sync: str = "backward",

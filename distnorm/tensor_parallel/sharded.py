@@ -170,6 +170,8 @@ class ShardedRMSNorm(ShardedNorm):
     all-reduce, 4 B/token (``Σg·x_hat``). ``group`` None or P == 1: none.
     """
 
+    has_bias_option = False
+
     def __init__(self, normalized_shape: int, eps: float = 1e-6, elementwise_affine: bool = True, *,
                  zero_centered_gamma: bool = False, output_scale: float = 1.0, group: Group = None,
                  dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> None:

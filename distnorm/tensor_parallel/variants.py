@@ -29,7 +29,6 @@ from distnorm.functional.layer_norm import norm_bwd_finish, norm_bwd_partial, no
 from distnorm.tensor_parallel._common import (
     DeferredGradSync,
     NormBase,
-    check_float,
     check_inputs,
     check_normalized_shape,
     run_on_local,
@@ -69,6 +68,8 @@ class SingleScaleRMSNorm(NormBase, DeferredGradSync):
     all-reduce 4 B/token (Σg·x_hat) + α's 4 B (unless deferred). ``group`` None or P == 1: none.
     """
 
+    has_bias_option = False
+
     def __init__(self, normalized_shape: int, eps: float = 1e-6, *, parallel: str = "sequence",
                  zero_centered_gamma: bool = False, output_scale: float = 1.0, grad_sync: str = "backward",
                  group: Group = None, dtype: torch.dtype | None = None,
@@ -100,7 +101,8 @@ class SingleScaleRMSNorm(NormBase, DeferredGradSync):
         return run_on_local(x, fn, sharded_hidden=sharded, cls=cls, group=self.group, local_hidden=self.local_size)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, parallel={self.parallel!r}, grad_sync={self.grad_sync!r}, single scale"
+        return (super().extra_repr().replace("elementwise_affine=False", "single scale α")
+                + f", parallel={self.parallel!r}, grad_sync={self.grad_sync!r}")
 
 
 class _CRMSNormFn(torch.autograd.Function):
@@ -148,6 +150,8 @@ class CRMSNorm(NormBase, DeferredGradSync):
     ([Σx², Σx] fp32), bwd 1 all-reduce 4 B/token (Σg·x_hat); dw local. ``group`` None or P == 1: none.
     """
 
+    has_bias_option = False
+
     def __init__(self, normalized_shape: int, eps: float = 1e-6, elementwise_affine: bool = True, *,
                  parallel: str = "sequence", zero_centered_gamma: bool = False, output_scale: float = 1.0,
                  grad_sync: str = "backward", group: Group = None, dtype: torch.dtype | None = None,
@@ -160,7 +164,6 @@ class CRMSNorm(NormBase, DeferredGradSync):
                          dtype=dtype, device=device)
         self.parallel = self_parallel
         self.init_grad_sync(cls, grad_sync, group)
-        check_float(cls, "eps", eps, group)
 
     def deferred_parameters(self) -> list[nn.Parameter]:
         return [] if self.parallel == "sharded" else super().deferred_parameters()

@@ -198,8 +198,12 @@ def spawn(
     errors: dict[int, tuple[BaseException, str]] = {}
     pending = set(range(world))
     deadline = time.monotonic() + timeout
+    first_error_at = 0.0
+    grace = 3.0  # after a first error, how long to wait for the others (the cause may come later)
     try:
-        while pending and not errors and time.monotonic() < deadline:
+        while pending and time.monotonic() < deadline:
+            if errors and time.monotonic() > first_error_at + grace:
+                break
             try:
                 rank, status, payload = out.get(timeout=0.2)
             except queue.Empty:
@@ -208,23 +212,50 @@ def spawn(
                     time.sleep(0.5)
                     if out.empty():
                         r = dead[0]
+                        pending.discard(r)
+                        if not errors:
+                            first_error_at = time.monotonic()
                         errors[r] = (RuntimeError(f"rank {r} died with exit code {procs[r].exitcode}"), "")
                 continue
             pending.discard(rank)
             if status == "ok":
                 results[rank] = _from_bytes(payload)
             else:
+                if not errors:
+                    first_error_at = time.monotonic()
                 errors[rank] = payload
     finally:
         for p in procs:
-            if p.is_alive() and (errors or pending):
+            if p.is_alive():  # only ranks that failed or ran out of time are still alive here
                 p.kill()
         for p in procs:
             p.join(5.0)
     if errors:
-        rank = min(errors)
-        exc, tb = errors[rank]
-        raise _with_rank_note(exc, rank, world, tb, sorted(set(errors) - {rank}))
+        raise _first_cause(errors, world)
     if pending:
         raise RankTimeoutError(f"spawn: ranks {sorted(pending)} of {world} did not finish within {timeout} s")
     return results
+
+
+_PEER_FAILURE_MARKERS = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "gloo/transport")
+
+
+def _is_consequence(exc: BaseException) -> bool:
+    """A peer's death seen from a survivor: a DistError, or gloo's transport RuntimeError."""
+    if isinstance(exc, (dist.DistError, SystemExit)):
+        return True
+    return isinstance(exc, RuntimeError) and any(m in str(exc) for m in _PEER_FAILURE_MARKERS)
+
+
+def _first_cause(errors: dict[int, tuple[BaseException, str]], world: int) -> BaseException:
+    """The lowest rank's error that is a cause, not a consequence of a peer's failure.
+
+    When one rank dies, its peers typically fail in their next collective with a
+    ``torch.distributed.DistError`` ("Connection closed by peer"); such an error may reach the parent
+    first, but the dead rank's own exception is the one to report.
+    """
+    causes = {r: e for r, e in errors.items() if not _is_consequence(e[0])}
+    chosen = causes or errors
+    rank = min(chosen)
+    exc, tb = chosen[rank]
+    return _with_rank_note(exc, rank, world, tb, sorted(set(errors) - {rank}))

@@ -1,0 +1,156 @@
+"""Shared pieces of the running-statistics norms: argument checks, masked reductions, synced sums.
+
+Private: the public functional APIs live in ``power_norm.py``, ``unified_norm.py``,
+``rep_batch_norm.py``, ``batch_channel_norm.py`` and ``evo_norm.py``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from distnorm import comm
+from distnorm.comm import Group
+
+
+def rank_of(group: Group) -> int:
+    """Global rank for error messages (0 outside a process group)."""
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else comm.group_rank(group)
+
+
+def check_input(x: torch.Tensor, num_features: int, channel_dim: int, mask: torch.Tensor | None, where: str) -> int:
+    """Validate ``x`` and ``mask``; return the non-negative channel dim."""
+    if x.dim() < 2:
+        raise ValueError(f"{where}: input must have at least 2 dims [N, C, *] or [B, T, C], got shape "
+                         f"{tuple(x.shape)} (rank {rank_of(None)})")
+    c_dim = channel_dim % x.dim()
+    if x.shape[c_dim] != num_features:
+        raise ValueError(f"{where}: input has {x.shape[c_dim]} channels on channel_dim={channel_dim}, expected "
+                         f"num_features={num_features} (shape {tuple(x.shape)}, rank {rank_of(None)})")
+    if mask is not None:
+        expected = tuple(s for i, s in enumerate(x.shape) if i != c_dim)
+        if mask.dtype != torch.bool or tuple(mask.shape) != expected:
+            raise ValueError(f"{where}: mask must be a bool tensor of the input's shape without the channel dim "
+                             f"{expected}, got {mask.dtype} {tuple(mask.shape)} (rank {rank_of(None)})")
+    return c_dim
+
+
+def check_nonempty(n: torch.Tensor, where: str, group: Group) -> None:
+    """Raise when the global batch has no real element.
+
+    On CPU the count is already on the host, so this is a plain check. On an accelerator it is an
+    asynchronous device assert (no host sync): the error surfaces at the next synchronisation.
+    """
+    if n.device.type == "cpu":
+        if not bool(n > 0):
+            raise ValueError(f"{where}: the global batch has no real elements (every rank's input is empty "
+                             f"or fully masked) in training mode (rank {rank_of(group)})")
+    else:
+        torch._assert_async(n > 0, f"{where}: the global batch has no real elements in training mode")
+
+
+def vec_shape(x: torch.Tensor, c_dim: int) -> list[int]:
+    """Shape that broadcasts a per-channel ``[C]`` vector against ``x``."""
+    shape = [1] * x.dim()
+    shape[c_dim] = x.shape[c_dim]
+    return shape
+
+
+def mask_weight(x: torch.Tensor, c_dim: int, mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """``mask`` as a ``dtype`` tensor broadcastable against ``x`` (None when no mask)."""
+    return None if mask is None else mask.to(dtype).unsqueeze(c_dim)
+
+
+def channel_sum(t: torch.Tensor, c_dim: int, w: torch.Tensor | None) -> torch.Tensor:
+    """``sum(t * w)`` over every dim but ``c_dim`` -> ``[C]``."""
+    dims = [d for d in range(t.dim()) if d != c_dim]
+    return (t if w is None else t * w).sum(dims)
+
+
+def real_count(x: torch.Tensor, c_dim: int, mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """Number of real elements per channel on this rank, shape ``[1]``."""
+    if mask is None:
+        return torch.full((1,), x.numel() // max(x.shape[c_dim], 1), dtype=dtype, device=x.device)
+    return mask.to(dtype).sum().reshape(1)
+
+
+class _AllReduceBothWaysFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, t: torch.Tensor, group: Group) -> torch.Tensor:
+        ctx.group = group
+        return comm.all_reduce_(t.contiguous().clone(), group)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return comm.all_reduce_(grad.contiguous().clone(), ctx.group), None
+
+
+def synced_sum(t: torch.Tensor, group: Group) -> torch.Tensor:
+    """Forward: all-reduce (sum) of per-rank partial sums. Backward: all-reduce (sum) of the gradient.
+
+    The data-parallel conjugate pair: every rank uses the global sum, and each rank's loss depends
+    on it, so the gradient of the global loss w.r.t. the sum is the sum of every rank's gradient.
+    Collectives (P > 1): fwd 1 all-reduce of ``t.nbytes``; bwd 1 all-reduce of ``t.nbytes``.
+    """
+    if comm.group_size(group) == 1:
+        return t
+    return _AllReduceBothWaysFn.apply(t, group)
+
+
+def group_moments(
+    x: torch.Tensor, c_dim: int, groups: int, mask: torch.Tensor | None, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample, per-channel-group mean and biased variance over (C/G channels x real positions).
+
+    ``x [N, ..C.., *]`` -> ``(mean, var)`` each shaped to broadcast against ``x`` (dim 0 is the
+    sample). Masked positions are excluded; a sample with no real position gets mean 0, var 0.
+    Local: no collectives. Differentiable.
+    """
+    xc = x.to(dtype).movedim(c_dim, 1)
+    n, c = xc.shape[0], xc.shape[1]
+    rest = xc.shape[2:]
+    xg = xc.reshape(n, groups, c // groups, rest.numel())  # explicit: an empty rank has n == 0
+    if mask is None:
+        cnt = torch.full((), float(xg.shape[2] * xg.shape[3]), dtype=dtype, device=x.device)
+        mean = xg.mean((2, 3), keepdim=True)
+        var = (xg - mean).square().mean((2, 3), keepdim=True)
+    else:
+        w = mask.to(dtype).reshape(n, 1, 1, rest.numel())
+        cnt = (w.sum((2, 3), keepdim=True) * (c // groups)).clamp_min(1)
+        mean = (xg * w).sum((2, 3), keepdim=True) / cnt
+        var = ((xg - mean).square() * w).sum((2, 3), keepdim=True) / cnt
+
+    def back(s: torch.Tensor) -> torch.Tensor:
+        full = s.expand(n, groups, c // groups, 1).reshape(n, c, *([1] * len(rest)))
+        return full.movedim(1, c_dim)
+
+    return back(mean), back(var)
+
+
+def group_moments_ref(x: torch.Tensor, c_dim: int, groups: int, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float64 reference of :func:`group_moments`: boolean indexing, one sample and group at a time."""
+    xc = x.double().movedim(c_dim, -1)  # [N, *S, C]
+    n, c = xc.shape[0], xc.shape[-1]
+    mean = torch.zeros(n, c, dtype=torch.float64)
+    var = torch.zeros(n, c, dtype=torch.float64)
+    for i in range(n):
+        rows = xc[i].reshape(-1, c)
+        if mask is not None:
+            rows = rows[mask[i].reshape(-1)]
+        if rows.shape[0] == 0:
+            continue
+        for g in range(groups):
+            sl = slice(g * (c // groups), (g + 1) * (c // groups))
+            vals = rows[:, sl]
+            mean[i, sl] = vals.mean()
+            var[i, sl] = vals.var(unbiased=False)
+    shape = [n] + [1] * (x.dim() - 2) + [c]
+    return mean.reshape(shape).movedim(-1, c_dim), var.reshape(shape).movedim(-1, c_dim)
+
+
+def rows_ref(x: torch.Tensor, c_dim: int, mask: torch.Tensor | None) -> torch.Tensor:
+    """Float64 ``[real rows, C]`` of ``x`` (boolean indexing: a reference-only helper)."""
+    rows = x.double().movedim(c_dim, -1)
+    return rows.reshape(-1, x.shape[c_dim]) if mask is None else rows[mask]

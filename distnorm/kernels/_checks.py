@@ -1,0 +1,81 @@
+"""Argument checks shared by the Triton launchers and the torch fallbacks (same errors on both)."""
+
+from __future__ import annotations
+
+from typing import NoReturn
+
+import torch
+
+from distnorm.comm import _global_rank
+
+__all__ = ["KERNEL_DTYPES", "check_2d", "check_stats", "check_vector", "fail"]
+
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def fail(exc: type[Exception], where: str, arg: str, value: object, expected: str) -> NoReturn:
+    """Raise ``exc`` naming the function, the argument, its value, the expectation and the rank."""
+    raise exc(f"{where}: {arg} = {value}, expected {expected} (rank {_global_rank()})")
+
+
+def check_2d(
+    t: torch.Tensor,
+    name: str,
+    where: str,
+    *,
+    like: torch.Tensor | None = None,
+    same_dtype: bool = True,
+    dtypes: tuple[torch.dtype, ...] = KERNEL_DTYPES,
+) -> tuple[int, int]:
+    """``t`` is a 2-D float tensor with unit stride along dim 1 (matching ``like``'s shape/device)."""
+    if not isinstance(t, torch.Tensor):
+        fail(TypeError, where, name, type(t).__name__, "a torch.Tensor")
+    if t.dim() != 2:
+        fail(ValueError, where, f"{name}.shape", tuple(t.shape), "a 2-D [T, N] tensor (flatten leading dims first)")
+    if t.dtype not in dtypes:
+        fail(TypeError, where, f"{name}.dtype", t.dtype, f"one of {dtypes}")
+    if t.shape[1] == 0:
+        fail(ValueError, where, f"{name}.shape", tuple(t.shape), "a non-empty normalized dim N")
+    if t.shape[1] > 1 and t.shape[0] > 0 and t.stride(1) != 1:
+        fail(ValueError, where, f"{name}.stride()", t.stride(), "unit stride along the normalized dim (call .contiguous())")
+    if like is not None:
+        if t.shape != like.shape:
+            fail(ValueError, where, f"{name}.shape", tuple(t.shape), f"x2d's shape {tuple(like.shape)}")
+        if t.device != like.device:
+            fail(ValueError, where, f"{name}.device", t.device, f"x2d's device {like.device}")
+        if same_dtype and t.dtype != like.dtype:
+            fail(TypeError, where, f"{name}.dtype", t.dtype, f"x2d's dtype {like.dtype}")
+    return int(t.shape[0]), int(t.shape[1])
+
+
+def check_vector(t: torch.Tensor | None, name: str, n: int, device: torch.device, where: str) -> None:
+    """``t`` is None or a contiguous float ``[n]`` tensor on ``device``."""
+    if t is None:
+        return
+    if not isinstance(t, torch.Tensor):
+        fail(TypeError, where, name, type(t).__name__, "a torch.Tensor or None")
+    if t.shape != (n,):
+        fail(ValueError, where, f"{name}.shape", tuple(t.shape), f"({n},) matching x2d.shape[1]")
+    if not t.is_floating_point():
+        fail(TypeError, where, f"{name}.dtype", t.dtype, "a floating dtype")
+    if t.device != device:
+        fail(ValueError, where, f"{name}.device", t.device, f"x2d's device {device}")
+    if n > 1 and t.stride(0) != 1:
+        fail(ValueError, where, f"{name}.stride()", t.stride(), "a contiguous vector")
+
+
+def check_stats(
+    t: torch.Tensor | None, name: str, rows: int, device: torch.device, where: str, *, width: int | None = None
+) -> None:
+    """``t`` is a contiguous float32 ``[rows]`` (or ``[rows, width]``) statistics tensor on ``device``."""
+    shape = (rows,) if width is None else (rows, width)
+    if not isinstance(t, torch.Tensor):
+        fail(TypeError, where, name, type(t).__name__, f"a float32 tensor of shape {shape}")
+    if t.shape != shape:
+        fail(ValueError, where, f"{name}.shape", tuple(t.shape), f"{shape} (one row per token of x2d)")
+    if t.dtype != torch.float32:
+        fail(TypeError, where, f"{name}.dtype", t.dtype, "torch.float32 (statistics are float32)")
+    if t.device != device:
+        fail(ValueError, where, f"{name}.device", t.device, f"x2d's device {device}")
+    if not t.is_contiguous():
+        fail(ValueError, where, f"{name}.stride()", t.stride(), "a contiguous tensor")

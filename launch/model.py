@@ -22,6 +22,7 @@ Choices (nanochat-style, one place to read them):
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -72,8 +73,10 @@ class ModelConfig:
     """LayerNorm Scaling ("The Curse of Depth"): scale layer l's input norms by 1/sqrt(l)."""
     grad_sync: Literal["backward", "deferred"] = "backward"
     """Sequence-parallel norm gradient sync; ``"deferred"``: the trainer calls ``sync_sequence_parallel_grads``."""
-    prepbn_decay_steps: int = 1000
-    """ProgressiveRepBN: steps over which λ decays from 1 to 0."""
+    total_steps: int = 1000
+    """Optimizer steps of the run (the trainer sets it): ProgressiveRepBN's schedule must end inside it."""
+    prepbn_decay_steps: int = 0
+    """ProgressiveRepBN: steps over which λ decays from 1 (LayerNorm) to 0 (RepBN); 0 = ``total_steps``."""
 
 
 class CompressedRMSNorm(nn.Module):
@@ -93,13 +96,18 @@ class CompressedRMSNorm(nn.Module):
         return torch.cat([y, -y.sum(dim=-1, keepdim=True)], dim=-1)
 
 
+def _sum_over(grad: torch.Tensor, *, group: Group) -> torch.Tensor:
+    return comm.all_reduce_(grad.clone(), group)
+
+
 def make_norm(kind: str, d: int, *, tp_group: Group, stats_group: Group, output_scale: float = 1.0,
-              grad_sync: str = "backward", decay_steps: int = 1000) -> nn.Module:
+              grad_sync: str = "backward", decay_steps: int = 0, total_steps: int = 1000) -> nn.Module:
     """One norm of the demo model on token-sharded ``[n, d]`` activations.
 
     ``tp_group``: where the tokens are split (replicated parameters' gradients are summed there).
     ``stats_group``: the group whose tokens the batch-statistics norms pool (all ranks: tokens are
-    split over DP *and*, by sequence parallelism, over TP).
+    split over DP *and*, by sequence parallelism, over TP). ``decay_steps``/``total_steps``: the
+    ProgressiveRepBN schedule (``decay_steps`` 0 = all of ``total_steps``).
     """
     tp = {"group": tp_group, "output_scale": output_scale, "grad_sync": grad_sync}
     if kind == "layernorm":
@@ -121,9 +129,13 @@ def make_norm(kind: str, d: int, *, tp_group: Group, stats_group: Group, output_
         cls = getattr(data_parallel, _BATCH_NORMS[kind])
         if output_scale != 1.0:
             raise ValueError(f"norm={kind!r} does not support layer_norm_scaling=true (rank {group_rank(stats_group)})")
-        if kind == "prepbn":
-            return cls(d, decay_steps=decay_steps, group=stats_group, channel_dim=-1)  # type: ignore[no-any-return]
-        return cls(d, group=stats_group, channel_dim=-1)  # type: ignore[no-any-return]
+        extra = {"decay_steps": decay_steps or total_steps, "total_steps": total_steps} if kind == "prepbn" else {}
+        norm: nn.Module = cls(d, group=stats_group, channel_dim=-1, **extra)
+        if group_size(tp_group) > 1:
+            # replicated over TP but fed this rank's tokens only: sum the affine gradients over TP
+            for p in norm.parameters():
+                p.register_hook(functools.partial(_sum_over, group=tp_group))
+        return norm
     raise ValueError(f"norm must be one of {NORM_TYPES}, got {kind!r} (rank {group_rank(tp_group)})")
 
 
@@ -159,7 +171,8 @@ class Block(nn.Module):
 
         def norm(output_scale: float = 1.0) -> nn.Module:
             return make_norm(cfg.norm, d, tp_group=tp_group, stats_group=stats_group, output_scale=output_scale,
-                             grad_sync=cfg.grad_sync, decay_steps=cfg.prepbn_decay_steps)
+                             grad_sync=cfg.grad_sync, decay_steps=cfg.prepbn_decay_steps,
+                             total_steps=cfg.total_steps)
 
         self.norm1, self.norm2 = norm(scale), norm(scale)
         if self.placement == "peri":
@@ -219,7 +232,8 @@ class GPT(nn.Module):
             Block(cfg, i + 1, tp_group=tp_group, stats_group=stats_group, generator=g) for i in range(cfg.n_layers)
         )
         self.norm_f = (make_norm(cfg.norm, cfg.d_model, tp_group=tp_group, stats_group=stats_group,
-                                 grad_sync=cfg.grad_sync, decay_steps=cfg.prepbn_decay_steps)
+                                 grad_sync=cfg.grad_sync, decay_steps=cfg.prepbn_decay_steps,
+                             total_steps=cfg.total_steps)
                        if cfg.placement != "post" else nn.Identity())
         self.lm_head = nn.Parameter(_normal((cfg.vocab_size, cfg.d_model), 0.02, g))
 

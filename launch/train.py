@@ -190,7 +190,7 @@ def train(cfg: TrainConfig, deepspeed_config: dict[str, Any] | None = None, tp: 
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // topo.world_size))
     torch.manual_seed(cfg.seed)
     corpus = load_corpus(cfg.corpus_bytes)
-    mcfg = dataclasses.replace(cfg.model, vocab_size=cfg.model.vocab_size or corpus.vocab_size)
+    mcfg = dataclasses.replace(cfg.model, vocab_size=cfg.model.vocab_size or corpus.vocab_size, total_steps=cfg.steps)
     stats_group = dist.group.WORLD if topo.world_size > 1 else None
     model: nn.Module = GPT(mcfg, tp_group=topo.tp_group, stats_group=stats_group, seed=cfg.seed).to(topo.device)
     batches = Batches(corpus, seq_len=mcfg.seq_len, global_batch=cfg.batch_size, dp_size=topo.dp_size,

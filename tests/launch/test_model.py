@@ -37,7 +37,7 @@ def _loss_and_grads(model: GPT, idx: torch.Tensor, targets: torch.Tensor) -> tup
 
 def _tp_run(rank: int, cfg: ModelConfig, idx: torch.Tensor, targets: torch.Tensor) -> tuple:
     group = torch.distributed.group.WORLD
-    model = GPT(cfg, tp_group=group, seed=7).double()
+    model = GPT(cfg, tp_group=group, stats_group=group, seed=7).double()
     with count_collectives() as c:
         loss, grads = _loss_and_grads(model, idx, targets)
     # replicated parameters: embeddings, LM head, norms -> full gradient on every rank
@@ -61,6 +61,20 @@ def test_tp_loss_and_replicated_grads_match_one_device(world: int, placement: st
             assert counts == {}
         else:  # per layer: 2 sublayers x (fwd all-gather + reduce-scatter, bwd the converse)
             assert counts["all_gather"]["count"] == 2 * cfg.n_layers * 2 + 1  # + embedding-grad all-gather
+
+
+@pytest.mark.skipif(not _has_data_parallel(), reason="needs distnorm.data_parallel")
+@pytest.mark.parametrize("norm", ["powernorm", "unified", "prepbn"])
+@pytest.mark.parametrize("world", [2, 3])
+def test_batch_statistics_norms_pool_over_tp(world: int, norm: str) -> None:
+    """Tokens are split over TP too: batch statistics pool over every rank, affine grads summed over TP."""
+    cfg = dataclasses.replace(CFG, norm=norm, n_heads=world * (4 // world or 1), d_model=12 if world == 3 else 16)
+    idx, targets = _batch(batch=3)
+    ref_loss, ref_grads = _loss_and_grads(GPT(cfg, seed=7).double(), idx, targets)
+    for loss, grads, _, _ in simulate(world, _tp_run, cfg, idx, targets, timeout=120):
+        assert abs(loss - ref_loss) <= 1e-10 * abs(ref_loss)
+        for name, g in grads.items():
+            torch.testing.assert_close(g, ref_grads[name], rtol=0, atol=1e-10, msg=name)
 
 
 def test_tp3_uneven_tokens_match_one_device() -> None:

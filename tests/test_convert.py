@@ -197,7 +197,7 @@ def test_pre_ln_to_pre_rmsnorm_is_exact_for_gpt2(head: bool) -> None:
 
 
 def test_bad_arguments() -> None:
-    with pytest.raises(TypeError, match="model must be an nn.Module, got int"):
+    with pytest.raises(TypeError, match=r"model must be an nn\.Module, got int"):
         C.convert_norms(3, C.to_sequence_parallel(None))  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="factory must be callable"):
         C.convert_norms(nn.Linear(2, 2), "sharded")  # type: ignore[arg-type]

@@ -16,6 +16,9 @@ Choices (nanochat-style, one place to read them):
 * Placement (``pre``, ``post``, ``peri`` = Peri-LN: norm in and out of each sublayer, ``mix`` =
   Mix-LN: Post-LN for the first ``mix_ratio`` of the layers, Pre-LN after), and LayerNorm
   Scaling (``output_scale = 1/sqrt(layer)`` on each layer's input norms).
+* ``overlap``: each "row-parallel reduce-scatter + residual add + RMSNorm + all-gather" becomes one
+  ``distnorm.overlap.fused_allreduce_rms_norm(mode="reduce_scatter")`` (Pre-RMSNorm only), the
+  next column linear consuming its replicated output directly.
 * Every weight is drawn from one seeded ``torch.Generator`` as a *full* tensor and sliced, so a
   model starts identical for every TP degree and launcher.
 """
@@ -75,6 +78,9 @@ class ModelConfig:
     """Sequence-parallel norm gradient sync; ``"deferred"``: the trainer calls ``sync_sequence_parallel_grads``."""
     total_steps: int = 1000
     """Optimizer steps of the run (the trainer sets it): ProgressiveRepBN's schedule must end inside it."""
+    overlap: bool = False
+    """Fuse each row-parallel reduce-scatter + residual add + RMSNorm + all-gather
+    (``distnorm.overlap.fused_allreduce_rms_norm``, TokenWeave's op); Pre-RMSNorm only."""
     prepbn_decay_steps: int = 0
     """ProgressiveRepBN: steps over which λ decays from 1 (LayerNorm) to 0 (RepBN); 0 = ``total_steps``."""
 
@@ -184,11 +190,38 @@ class Block(nn.Module):
         self.fc2 = RowParallelLinear(cfg.mlp_ratio * d, d, group=tp_group, sequence_parallel=True,
                                      generator=generator)
 
-    def attention(self, x_shard: torch.Tensor, batch: int, seq: int) -> torch.Tensor:
-        qkv = self.qkv(x_shard, num_tokens=batch * seq)  # [B*T, 3 * d_local]
+    def _attend(self, qkv: torch.Tensor, batch: int, seq: int) -> torch.Tensor:
+        """``qkv [B*T, 3 * d_local]`` (this rank's heads) -> ``[B*T, d_local]``."""
         q, k, v = qkv.view(batch, seq, 3, self.n_heads_local, self.head_dim).permute(2, 0, 3, 1, 4)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [B, h_local, T, hd]
-        return self.proj(y.transpose(1, 2).reshape(batch * seq, -1))
+        return y.transpose(1, 2).reshape(batch * seq, -1)
+
+    def attention(self, x_shard: torch.Tensor, batch: int, seq: int) -> torch.Tensor:
+        return self.proj(self._attend(self.qkv(x_shard, num_tokens=batch * seq), batch, seq))
+
+    # --- overlap path: the row-parallel outputs stay partial sums for fused_allreduce_rms_norm ----
+    @staticmethod
+    def _column_replicated(layer: ColumnParallelLinear, h: torch.Tensor) -> torch.Tensor:
+        """The column linear on a replicated full input (the fused op's ``normed``): no all-gather."""
+        return F.linear(comm.copy_to_group(h, layer.group), layer.weight, layer.bias)
+
+    @staticmethod
+    def _row_partial(layer: RowParallelLinear, x: torch.Tensor, residual_shard: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The row linear's partial sums ``[B*T, out]`` without bias, and the residual shard with the
+        bias added: the replicated bias then meets this rank's tokens only and ``copy_to_group``
+        sums its gradient over TP (as ``RowParallelLinear(sequence_parallel=True)`` does), so every
+        rank's bias gets the full gradient."""
+        if layer.bias is not None:
+            residual_shard = residual_shard + comm.copy_to_group(layer.bias, layer.group)
+        return F.linear(x, layer.weight), residual_shard
+
+    def attention_partial(self, h: torch.Tensor, r_shard: torch.Tensor, batch: int, seq: int, *,
+                          replicated: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        qkv = self._column_replicated(self.qkv, h) if replicated else self.qkv(h, num_tokens=batch * seq)
+        return self._row_partial(self.proj, self._attend(qkv, batch, seq), r_shard)
+
+    def mlp_partial(self, h_full: torch.Tensor, r_shard: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._row_partial(self.fc2, F.gelu(self._column_replicated(self.fc1, h_full)), r_shard)
 
     def mlp(self, x_shard: torch.Tensor, batch: int, seq: int) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(x_shard, num_tokens=batch * seq)))
@@ -224,6 +257,12 @@ class GPT(nn.Module):
             )
         if cfg.placement not in PLACEMENTS:
             raise ValueError(f"GPT: placement must be one of {PLACEMENTS}, got {cfg.placement!r} (rank {rank})")
+        if cfg.overlap and (cfg.norm, cfg.placement, cfg.layer_norm_scaling) != ("rmsnorm", "pre", False):
+            raise ValueError(
+                f"GPT: overlap=true fuses Pre-RMSNorm blocks; needs norm='rmsnorm', placement='pre', "
+                f"layer_norm_scaling=false, got norm={cfg.norm!r}, placement={cfg.placement!r}, "
+                f"layer_norm_scaling={cfg.layer_norm_scaling} (rank {rank})"
+            )
         self.cfg, self.tp_group = cfg, tp_group
         g = torch.Generator().manual_seed(seed)
         self.tok_emb = nn.Parameter(_normal((cfg.vocab_size, cfg.d_model), 0.02, g))
@@ -237,6 +276,27 @@ class GPT(nn.Module):
                        if cfg.placement != "post" else nn.Identity())
         self.lm_head = nn.Parameter(_normal((cfg.vocab_size, cfg.d_model), 0.02, g))
 
+    def _weave(self, r_shard: torch.Tensor, batch: int, seq: int) -> torch.Tensor:
+        """Pre-RMSNorm blocks with every "reduce-scatter + residual add + RMSNorm + all-gather" fused
+        (``fused_allreduce_rms_norm(mode="reduce_scatter")``, TokenWeave's op). Returns the final
+        normed activations of this rank's tokens ``[n_local, d]``."""
+        from distnorm.overlap import fused_allreduce_rms_norm
+
+        group, n = self.tp_group, batch * seq
+        h = self.blocks[0].norm1(r_shard)  # the first norm has no preceding row-parallel output
+        norms_after = [b.norm2 for b in self.blocks]
+        norms_next = [b.norm1 for b in self.blocks[1:]] + [self.norm_f]
+        for i, block in enumerate(self.blocks):
+            partial, r_shard = block.attention_partial(h, r_shard, batch, seq, replicated=i > 0)
+            h, r_shard = fused_allreduce_rms_norm(partial, r_shard, norms_after[i].weight, norms_after[i].eps,
+                                                  group=group, mode="reduce_scatter")
+            partial, r_shard = block.mlp_partial(h, r_shard)
+            h, r_shard = fused_allreduce_rms_norm(partial, r_shard, norms_next[i].weight, norms_next[i].eps,
+                                                  group=group, mode="reduce_scatter")
+        # h is replicated (all tokens): keep this rank's tokens; copy_to_group hands back the full gradient
+        r = group_rank(group)
+        return comm.copy_to_group(h, group).narrow(0, shard_offsets(n, group_size(group))[r], r_shard.shape[0])
+
     def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         batch, seq = idx.shape
         if seq > self.cfg.seq_len:
@@ -245,9 +305,12 @@ class GPT(nn.Module):
         n, tp = batch * seq, group_size(self.tp_group)
         h = (F.embedding(idx, self.tok_emb) + self.pos_emb[:seq]).view(n, -1)
         x_shard = comm.scatter_along(h, self.tp_group, dim=0)
-        for block in self.blocks:
-            x_shard = block(x_shard, batch, seq)
-        x_shard = self.norm_f(x_shard)
+        if self.cfg.overlap:
+            x_shard = self._weave(x_shard, batch, seq)
+        else:
+            for block in self.blocks:
+                x_shard = block(x_shard, batch, seq)
+            x_shard = self.norm_f(x_shard)
         logits = F.linear(x_shard, comm.copy_to_group(self.lm_head, self.tp_group))
         r = group_rank(self.tp_group)
         t_shard = targets.reshape(n).narrow(0, shard_offsets(n, tp)[r], shard_sizes(n, tp)[r])

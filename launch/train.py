@@ -68,7 +68,9 @@ class TrainConfig:
     log_every: int = 20
     out_dir: str = "runs"
     overlap: bool = False
-    """TokenWeave compute/communication overlap (needs ``distnorm.overlap``)."""
+    """Fused reduce-scatter + residual + RMSNorm + all-gather (``distnorm.overlap``, TokenWeave's op);
+    needs ``model.norm = "rmsnorm"`` and ``placement = "pre"``. Also on with the DeepSpeed section's
+    ``overlap.enabled``."""
     progress: bool = True
     """tqdm progress bar on rank 0."""
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -136,11 +138,6 @@ def _check(cfg: TrainConfig) -> None:
             raise ValueError(f"{name}: must be >= 1, got {getattr(cfg, name)} (rank {_env_rank()})")
     if not (cfg.lr > 0 and math.isfinite(cfg.lr)):
         raise ValueError(f"lr: must be a finite float > 0, got {cfg.lr} (rank {_env_rank()})")
-    if cfg.overlap:
-        raise ValueError(
-            f"overlap=true needs distnorm.overlap (fused_allreduce_rms_norm / TokenWeaver), which this build does "
-            f"not have yet (rank {_env_rank()})"
-        )
 
 
 def _deepspeed_config(path: str, cfg: TrainConfig, tp_from_cli: bool) -> tuple[dict[str, Any], int]:
@@ -190,7 +187,9 @@ def train(cfg: TrainConfig, deepspeed_config: dict[str, Any] | None = None, tp: 
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // topo.world_size))
     torch.manual_seed(cfg.seed)
     corpus = load_corpus(cfg.corpus_bytes)
-    mcfg = dataclasses.replace(cfg.model, vocab_size=cfg.model.vocab_size or corpus.vocab_size, total_steps=cfg.steps)
+    section_overlap = bool(((deepspeed_config or {}).get("distnorm") or {}).get("overlap", {}).get("enabled", False))
+    mcfg = dataclasses.replace(cfg.model, vocab_size=cfg.model.vocab_size or corpus.vocab_size, total_steps=cfg.steps,
+                               overlap=cfg.overlap or section_overlap)
     stats_group = dist.group.WORLD if topo.world_size > 1 else None
     model: nn.Module = GPT(mcfg, tp_group=topo.tp_group, stats_group=stats_group, seed=cfg.seed).to(topo.device)
     batches = Batches(corpus, seq_len=mcfg.seq_len, global_batch=cfg.batch_size, dp_size=topo.dp_size,

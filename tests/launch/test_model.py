@@ -145,3 +145,24 @@ def test_batches_split_the_global_batch_over_dp() -> None:
     assert torch.equal(torch.cat(parts), full)
     with pytest.raises(ValueError, match=r"batch_size=5 must be divisible by the data-parallel size 2 \(rank 1"):
         Batches(corpus, seq_len=16, global_batch=5, dp_size=2, dp_rank=1, seed=3)
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_overlap_path_matches_one_device(world: int) -> None:
+    """The fused reduce-scatter + residual + RMSNorm + all-gather path equals the plain model."""
+    pytest.importorskip("distnorm.overlap")
+    cfg = dataclasses.replace(CFG, norm="rmsnorm", n_heads=world * (4 // world), d_model=12 if world == 3 else 16)
+    idx, targets = _batch(batch=1)  # 8 tokens: uneven over 3 ranks
+    ref_loss, ref_grads = _loss_and_grads(GPT(cfg, seed=7).double(), idx, targets)
+    for loss, grads, counts, _ in simulate(world, _tp_run, dataclasses.replace(cfg, overlap=True), idx, targets,
+                                           timeout=120):
+        assert abs(loss - ref_loss) <= 1e-10 * abs(ref_loss)
+        for name, g in grads.items():
+            torch.testing.assert_close(g, ref_grads[name], rtol=0, atol=1e-10, msg=name)
+        if world > 1:  # fwd: one fused reduce-scatter per sublayer; bwd: the first qkv's all-gather
+            assert counts["reduce_scatter"]["count"] == 2 * cfg.n_layers + 1
+
+
+def test_overlap_needs_pre_rmsnorm() -> None:
+    with pytest.raises(ValueError, match=r"overlap=true fuses Pre-RMSNorm blocks; .* got norm='layernorm'"):
+        GPT(dataclasses.replace(CFG, overlap=True))

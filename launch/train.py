@@ -160,8 +160,44 @@ def _deepspeed_config(path: str, cfg: TrainConfig, tp_from_cli: bool) -> tuple[d
     return ds, tp
 
 
+def average_over_dp(model: nn.Module, dp_group: dist.ProcessGroup | None) -> None:
+    """Data parallelism without DDP: average every gradient over ``dp_group`` in one flat all-reduce
+    per dtype (what DDP's buckets do, minus the overlap with backward).
+
+    Why not DDP: on gloo/CPU, freeing a DDP model at exit can deadlock in torch 2.13 (the Reducer's
+    destructor joins a gloo worker thread while holding the GIL that thread is waiting for); the
+    demo hung at exit under torchrun and mpirun. The tiny model's backward has nothing to overlap.
+    Collectives: 1 all-reduce per parameter dtype (4 B per parameter for float32); none for DP == 1.
+    """
+    world = comm.group_size(dp_group)
+    if world == 1:
+        return
+    buckets: dict[torch.dtype, list[nn.Parameter]] = {}
+    for p in model.parameters():
+        if p.requires_grad:
+            buckets.setdefault(p.dtype, []).append(p)
+    for params in buckets.values():
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+        comm.all_reduce_(flat, dp_group).div_(world)
+        offset = 0
+        for p in params:
+            g = flat[offset: offset + p.numel()].view_as(p)
+            offset += p.numel()
+            if p.grad is None:
+                p.grad = g.clone()
+            else:
+                p.grad.copy_(g)
+
+
 def _lr_lambda(cfg: TrainConfig) -> Any:
-    return lambda step: min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+    """Linear warmup, then cosine decay to 10 % of ``lr`` at the last step."""
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        return 0.1 + 0.45 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
 
 
 def _plot(losses: list[float], path: Path, title: str) -> None:
@@ -206,9 +242,6 @@ def train(cfg: TrainConfig, deepspeed_config: dict[str, Any] | None = None, tp: 
         engine, _, _, _ = ds_integration.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                     config=deepspeed_config, topology=topo)
         launcher = "deepspeed"
-    elif topo.dp_size > 1:
-        model = nn.parallel.DistributedDataParallel(model, process_group=topo.dp_group)
-    inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
     is_main = topo.rank == 0
     bar: Any = None
@@ -234,7 +267,8 @@ def train(cfg: TrainConfig, deepspeed_config: dict[str, Any] | None = None, tp: 
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if mcfg.grad_sync == "deferred":
-                dn.tensor_parallel.sync_sequence_parallel_grads(inner)
+                dn.tensor_parallel.sync_sequence_parallel_grads(model)
+            average_over_dp(model, topo.dp_group)
             optimizer.step()
             scheduler.step()
         # the loss of the global batch: mean over DP ranks (each already summed over its TP group)

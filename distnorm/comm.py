@@ -71,14 +71,28 @@ _REDUCE_OPS = {
 # --------------------------------------------------------------------------------------------
 
 
+def _check_group(group: object) -> None:
+    if not isinstance(group, dist.ProcessGroup):
+        raise TypeError(
+            f"group must be a torch.distributed.ProcessGroup or None, got {type(group).__name__} {group!r} "
+            f"(rank {_global_rank()}); for a DeviceMesh pass mesh.get_group(axis)"
+        )
+
+
 def group_size(group: Group) -> int:
-    """Number of ranks in ``group``; 1 for ``None``."""
-    return 1 if group is None else dist.get_world_size(group)
+    """Number of ranks in ``group``; 1 for ``None``. A non-group is a TypeError."""
+    if group is None:
+        return 1
+    _check_group(group)
+    return dist.get_world_size(group)
 
 
 def group_rank(group: Group) -> int:
-    """This process's rank inside ``group``; 0 for ``None``."""
-    return 0 if group is None else dist.get_rank(group)
+    """This process's rank inside ``group``; 0 for ``None``. A non-group is a TypeError."""
+    if group is None:
+        return 0
+    _check_group(group)
+    return dist.get_rank(group)
 
 
 def _global_rank() -> int:
@@ -177,6 +191,11 @@ def _active_hooks() -> list[Callable[[str, torch.Tensor, Group], None]]:
     return hooks
 
 
+# Process-wide hooks, run before the per-thread ones: what a config flag installs, seen by every
+# thread (autograd's device threads included, which per-thread hooks miss).
+_GLOBAL_HOOKS: list[Callable[[str, torch.Tensor, Group], None]] = []
+
+
 @contextlib.contextmanager
 def count_collectives() -> Iterator[CollectiveCounts]:
     """Count the collectives this rank (thread) issues through distnorm inside the block.
@@ -198,7 +217,7 @@ def count_collectives() -> Iterator[CollectiveCounts]:
 
 
 def _record(kind: str, tensor: torch.Tensor, group: Group, nbytes: int | None = None) -> None:
-    for hook in list(_active_hooks()):
+    for hook in [*_GLOBAL_HOOKS, *_active_hooks()]:
         hook(kind, tensor, group)
     size = tensor.numel() * tensor.element_size() if nbytes is None else nbytes
     for counts in _active_counters():

@@ -121,6 +121,7 @@ class AlphaBatchNorm(SyncBatchNorm):
         *,
         alpha: float = 0.9,
         channel_dim: int = 1,
+        allow_nonfinite_stats: bool = False,
     ) -> None:
         where = f"rank {comm.group_rank(group)} of {comm.group_size(group)}"
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
@@ -130,7 +131,8 @@ class AlphaBatchNorm(SyncBatchNorm):
                 f"AlphaBatchNorm: track_running_stats must be True (alpha mixes the running statistics in), "
                 f"got {track_running_stats!r} ({where})"
             )
-        super().__init__(num_features, eps, momentum, affine, True, group, device, dtype, channel_dim=channel_dim)
+        super().__init__(num_features, eps, momentum, affine, True, group, device, dtype, channel_dim=channel_dim,
+                         allow_nonfinite_stats=allow_nonfinite_stats)
         self.alpha = float(alpha)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -7,7 +7,8 @@ from torch import nn
 
 from distnorm import comm
 from distnorm.comm import Group
-from distnorm.functional._norm_utils import check_input, rank_of
+from distnorm.data_parallel._nonfinite import guard_running_stats, init_nonfinite_guard
+from distnorm.functional._norm_utils import check_args, check_input, rank_of
 from distnorm.functional.batch_channel_norm import batch_channel_norm
 
 __all__ = ["BatchChannelNorm"]
@@ -25,6 +26,10 @@ class BatchChannelNorm(nn.Module):
     Collectives in training (P > 1): fwd 1 all-reduce of ``2C + 1`` fp32 numbers (fp64 for fp64
     input); bwd none (no gradient flows through the estimates). Eval, ``group`` None or P == 1:
     none.
+
+    Non-finite batches: the running statistics are not updated from a batch whose synced statistics
+    are NaN/Inf (counted in the non-persistent buffer ``num_nonfinite_skips``; the output still
+    propagates them) unless ``allow_nonfinite_stats=True``.
     """
 
     running_stat_buffers: tuple[str, ...] = ("running_mean", "running_var")
@@ -46,10 +51,12 @@ class BatchChannelNorm(nn.Module):
         *,
         group: Group = None,
         channel_dim: int = 1,
+        allow_nonfinite_stats: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        check_args("BatchChannelNorm", group, num_features, eps)
         if num_groups < 1 or num_features % num_groups:
             raise ValueError(f"BatchChannelNorm: num_groups must divide num_features={num_features}, got "
                              f"{num_groups} (rank {rank_of(group)})")
@@ -66,6 +73,7 @@ class BatchChannelNorm(nn.Module):
         self.register_buffer("running_mean", torch.zeros(num_features, device=device, dtype=torch.float32))
         self.register_buffer("running_var", torch.ones(num_features, device=device, dtype=torch.float32))
         self.register_buffer("num_batches_tracked", torch.zeros((), device=device, dtype=torch.long))
+        init_nonfinite_guard(self, allow_nonfinite_stats, device)
         self.reset_parameters()
 
     def reset_running_stats(self) -> None:
@@ -80,12 +88,12 @@ class BatchChannelNorm(nn.Module):
                 nn.init.constant_(p, value)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        check_input(x, self.num_features, self.channel_dim, mask, "BatchChannelNorm")
-        return batch_channel_norm(
+        check_input(x, self.num_features, self.channel_dim, mask, "BatchChannelNorm", self)
+        return guard_running_stats(self, lambda: batch_channel_norm(
             x, self.weight, self.bias, self.cn_weight, self.cn_bias, self.running_mean, self.running_var,
             self.num_batches_tracked, num_groups=self.num_groups, training=self.training, momentum=self.momentum,
             eps=self.eps, channel_dim=self.channel_dim, mask=mask, group=self.group,
-        )
+        ))
 
     def extra_repr(self) -> str:
         return (f"{self.num_features}, num_groups={self.num_groups}, eps={self.eps}, momentum={self.momentum}, "

@@ -7,7 +7,8 @@ from torch import nn
 
 from distnorm import comm
 from distnorm.comm import Group
-from distnorm.functional._norm_utils import check_input, rank_of
+from distnorm.data_parallel._nonfinite import guard_running_stats, init_nonfinite_guard
+from distnorm.functional._norm_utils import check_args, check_input, rank_of
 from distnorm.functional.evo_norm import evo_norm_b0, evo_norm_s0
 
 __all__ = ["EvoNormB0", "EvoNormS0"]
@@ -23,6 +24,10 @@ class EvoNormB0(nn.Module):
 
     Collectives in training (P > 1): fwd 1 all-reduce of ``2C + 1`` fp64 numbers; bwd 1 all-reduce
     of ``2C + 1`` fp64 numbers. Eval, ``group`` None or P == 1: none.
+
+    Non-finite batches: the running statistics are not updated from a batch whose synced statistics
+    are NaN/Inf (counted in the non-persistent buffer ``num_nonfinite_skips``; the output still
+    propagates them) unless ``allow_nonfinite_stats=True``.
     """
 
     running_stat_buffers: tuple[str, ...] = ("running_var",)
@@ -37,10 +42,12 @@ class EvoNormB0(nn.Module):
         *,
         group: Group = None,
         channel_dim: int = 1,
+        allow_nonfinite_stats: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        check_args("EvoNormB0", group, num_features, eps)
         if not 0.0 <= momentum <= 1.0:
             raise ValueError(f"EvoNormB0: momentum must be in [0, 1], got {momentum} (rank {rank_of(group)})")
         factory = {"device": device, "dtype": dtype}
@@ -51,6 +58,7 @@ class EvoNormB0(nn.Module):
         self.v = nn.Parameter(torch.empty(num_features, **factory))  # type: ignore[arg-type]
         self.register_buffer("running_var", torch.ones(num_features, device=device, dtype=torch.float32))
         self.register_buffer("num_batches_tracked", torch.zeros((), device=device, dtype=torch.long))
+        init_nonfinite_guard(self, allow_nonfinite_stats, device)
         self.reset_parameters()
 
     def reset_running_stats(self) -> None:
@@ -64,10 +72,10 @@ class EvoNormB0(nn.Module):
         nn.init.ones_(self.v)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        check_input(x, self.num_features, self.channel_dim, mask, "EvoNormB0")
-        return evo_norm_b0(x, self.weight, self.bias, self.v, self.running_var, self.num_batches_tracked,
-                           training=self.training, momentum=self.momentum, eps=self.eps,
-                           channel_dim=self.channel_dim, mask=mask, group=self.group)
+        check_input(x, self.num_features, self.channel_dim, mask, "EvoNormB0", self)
+        return guard_running_stats(self, lambda: evo_norm_b0(
+            x, self.weight, self.bias, self.v, self.running_var, self.num_batches_tracked, training=self.training,
+            momentum=self.momentum, eps=self.eps, channel_dim=self.channel_dim, mask=mask, group=self.group))
 
     def extra_repr(self) -> str:
         return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, channel_dim={self.channel_dim}, "
@@ -97,6 +105,7 @@ class EvoNormS0(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        check_args("EvoNormS0", group, num_features, eps)
         if groups < 1 or num_features % groups:
             raise ValueError(f"EvoNormS0: groups must divide num_features={num_features}, got {groups} "
                              f"(rank {rank_of(group)})")
@@ -114,7 +123,7 @@ class EvoNormS0(nn.Module):
         nn.init.ones_(self.v)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        check_input(x, self.num_features, self.channel_dim, mask, "EvoNormS0")
+        check_input(x, self.num_features, self.channel_dim, mask, "EvoNormS0", self)
         return evo_norm_s0(x, self.weight, self.bias, self.v, groups=self.groups, eps=self.eps,
                            channel_dim=self.channel_dim, mask=mask)
 

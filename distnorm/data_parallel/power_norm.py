@@ -7,7 +7,8 @@ from torch import nn
 
 from distnorm import comm
 from distnorm.comm import Group
-from distnorm.functional._norm_utils import check_input, rank_of
+from distnorm.data_parallel._nonfinite import guard_running_stats, init_nonfinite_guard
+from distnorm.functional._norm_utils import check_args, check_input, rank_of
 from distnorm.functional.power_norm import power_norm
 
 __all__ = ["PowerNorm"]
@@ -28,6 +29,10 @@ class PowerNorm(nn.Module):
     Eval, ``group`` None or P == 1: none. Every rank ends each step with identical buffers.
 
     One forward/backward per optimizer step: the step counter and ``ema_gz`` advance per call.
+
+    Non-finite batches: the running statistics are not updated from a batch whose synced statistics
+    are NaN/Inf (counted in the non-persistent buffer ``num_nonfinite_skips``; the output still
+    propagates them) unless ``allow_nonfinite_stats=True``.
     """
 
     running_stat_buffers: tuple[str, ...] = ("running_phi",)
@@ -47,10 +52,12 @@ class PowerNorm(nn.Module):
         *,
         group: Group = None,
         channel_dim: int = -1,
+        allow_nonfinite_stats: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        check_args("PowerNorm", group, num_features, eps)
         if num_features < 1:
             raise ValueError(f"PowerNorm: num_features must be >= 1, got {num_features} (rank {rank_of(group)})")
         for name, value in (("alpha_fwd", alpha_fwd), ("alpha_bkw", alpha_bkw)):
@@ -74,6 +81,7 @@ class PowerNorm(nn.Module):
         self.register_buffer("running_phi", torch.ones(num_features, device=device, dtype=torch.float32))
         self.register_buffer("ema_gz", torch.zeros(num_features, device=device, dtype=torch.float32))
         self.register_buffer("num_batches_tracked", torch.zeros((), device=device, dtype=torch.long))
+        init_nonfinite_guard(self, allow_nonfinite_stats, device)
         self.reset_parameters()
 
     def reset_running_stats(self) -> None:
@@ -88,13 +96,13 @@ class PowerNorm(nn.Module):
             nn.init.zeros_(self.bias)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        check_input(x, self.num_features, self.channel_dim, mask, "PowerNorm")
-        return power_norm(
+        check_input(x, self.num_features, self.channel_dim, mask, "PowerNorm", self)
+        return guard_running_stats(self, lambda: power_norm(
             x, self.weight, self.bias, self.running_phi, self.ema_gz, self.num_batches_tracked,
             training=self.training, eps=self.eps, alpha_fwd=self.alpha_fwd, alpha_bkw=self.alpha_bkw,
             warmup_iters=self.warmup_iters, group_num=self.group_num, channel_dim=self.channel_dim,
             mask=mask, group=self.group,
-        )
+        ), backward_buffers=("ema_gz",))
 
     def fold_scale_shift(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Eval form as a per-channel affine map: ``y = x * scale + shift`` (fp32 ``[C]`` each).

@@ -7,7 +7,8 @@ from torch import nn
 
 from distnorm import comm
 from distnorm.comm import Group
-from distnorm.functional._norm_utils import check_input, rank_of
+from distnorm.data_parallel._nonfinite import guard_running_stats, init_nonfinite_guard
+from distnorm.functional._norm_utils import check_args, check_input, rank_of
 from distnorm.functional.rep_batch_norm import layer_norm_channels, progressive_lambda, rep_batch_norm
 
 __all__ = ["ProgressiveRepBN", "RepBatchNorm"]
@@ -25,6 +26,10 @@ class RepBatchNorm(nn.Module):
     Collectives in training (P > 1): fwd 1 all-reduce of ``2C + 1`` fp32 numbers (shifted
     ``[sum x, sum x^2, n]``); bwd 1 all-reduce of ``2C + 1`` fp32 numbers (their gradient). fp64
     for fp64 input. Eval, ``group`` None or P == 1: none.
+
+    Non-finite batches: the running statistics are not updated from a batch whose synced statistics
+    are NaN/Inf (counted in the non-persistent buffer ``num_nonfinite_skips``; the output still
+    propagates them) unless ``allow_nonfinite_stats=True``.
     """
 
     running_stat_buffers: tuple[str, ...] = ("running_mean", "running_var")
@@ -41,12 +46,14 @@ class RepBatchNorm(nn.Module):
         *,
         group: Group = None,
         channel_dim: int = -1,
+        allow_nonfinite_stats: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        if num_features < 1:
-            raise ValueError(f"RepBatchNorm: num_features must be >= 1, got {num_features} (rank {rank_of(group)})")
+        check_args("RepBatchNorm", group, num_features, eps)
+        if momentum is not None and not 0.0 <= momentum <= 1.0:
+            raise ValueError(f"RepBatchNorm: momentum must be None or in [0, 1], got {momentum} (rank {rank_of(group)})")
         factory = {"device": device, "dtype": dtype}
         self.num_features, self.eps, self.momentum, self.affine = num_features, eps, momentum, affine
         self.group, self.channel_dim = group, channel_dim
@@ -60,6 +67,7 @@ class RepBatchNorm(nn.Module):
         self.register_buffer("running_mean", torch.zeros(num_features, device=device, dtype=torch.float32))
         self.register_buffer("running_var", torch.ones(num_features, device=device, dtype=torch.float32))
         self.register_buffer("num_batches_tracked", torch.zeros((), device=device, dtype=torch.long))
+        init_nonfinite_guard(self, allow_nonfinite_stats, device)
         self.reset_parameters()
 
     def reset_running_stats(self) -> None:
@@ -75,10 +83,11 @@ class RepBatchNorm(nn.Module):
             nn.init.zeros_(self.bias)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        check_input(x, self.num_features, self.channel_dim, mask, "RepBatchNorm")
-        return rep_batch_norm(x, self.weight, self.bias, self.alpha, self.running_mean, self.running_var,
-                              self.num_batches_tracked, training=self.training, momentum=self.momentum, eps=self.eps,
-                              channel_dim=self.channel_dim, mask=mask, group=self.group)
+        check_input(x, self.num_features, self.channel_dim, mask, "RepBatchNorm", self)
+        return guard_running_stats(self, lambda: rep_batch_norm(
+            x, self.weight, self.bias, self.alpha, self.running_mean, self.running_var, self.num_batches_tracked,
+            training=self.training, momentum=self.momentum, eps=self.eps, channel_dim=self.channel_dim, mask=mask,
+            group=self.group))
 
     def fold_scale_shift(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Eval form as a per-channel affine map ``y = x * scale + shift`` (fp32 ``[C]`` each)."""
@@ -105,6 +114,10 @@ class ProgressiveRepBN(nn.Module):
 
     Shapes, ``mask`` and collectives: those of :class:`RepBatchNorm` (the LayerNorm is per token,
     local); eval, ``group`` None or P == 1: none.
+
+    Non-finite batches: the running statistics are not updated from a batch whose synced statistics
+    are NaN/Inf (counted in the non-persistent buffer ``num_nonfinite_skips``; the output still
+    propagates them) unless ``allow_nonfinite_stats=True``.
     """
 
     running_stat_buffers: tuple[str, ...] = ()  # the statistics live in the RepBatchNorm child
@@ -121,6 +134,7 @@ class ProgressiveRepBN(nn.Module):
         momentum: float | None = 0.1,
         group: Group = None,
         channel_dim: int = -1,
+        allow_nonfinite_stats: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -141,11 +155,11 @@ class ProgressiveRepBN(nn.Module):
         self.channel_dim = channel_dim
         self.layer_norm = nn.LayerNorm(num_features, eps=eps, device=device, dtype=dtype)
         self.rep_bn = RepBatchNorm(num_features, eps, momentum, group=group, channel_dim=channel_dim,
-                                   device=device, dtype=dtype)
+                                   allow_nonfinite_stats=allow_nonfinite_stats, device=device, dtype=dtype)
         self.register_buffer("step", torch.zeros((), device=device, dtype=torch.long))
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        check_input(x, self.num_features, self.channel_dim, mask, "ProgressiveRepBN")
+        check_input(x, self.num_features, self.channel_dim, mask, "ProgressiveRepBN", self)
         if not self.training:
             return self.rep_bn(x, mask)
         xs = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x  # one cast for both branches' grads

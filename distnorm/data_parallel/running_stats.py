@@ -61,6 +61,12 @@ def _coalesced(tensors: list[torch.Tensor], op: Callable[[torch.Tensor], object]
             t.copy_(part.view_as(t))
 
 
+def _check_model(model: object, where: str, group: Group) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{where}: model must be an nn.Module, got {type(model).__name__} "
+                        f"(rank {comm.group_rank(group)} of {comm.group_size(group)})")
+
+
 @torch.no_grad()
 def sync_running_stats(model: nn.Module, group: Group, op: str = "mean") -> nn.Module:
     """Reduce every floating statistics buffer of ``model`` over ``group`` in place.
@@ -71,6 +77,7 @@ def sync_running_stats(model: nn.Module, group: Group, op: str = "mean") -> nn.M
     Collectives (P > 1): 1 all-reduce per buffer dtype (one for a float32 model), payload = the
     total bytes of the floating statistics buffers. group None or P == 1: none.
     """
+    _check_model(model, "sync_running_stats", group)
     if op not in ("mean", "sum", "max", "min"):
         raise ValueError(
             f"sync_running_stats: op must be 'mean', 'sum', 'max' or 'min', got {op!r} "
@@ -97,6 +104,7 @@ def broadcast_running_stats(model: nn.Module, src: int, group: Group) -> nn.Modu
     Collectives (P > 1): 1 broadcast per buffer dtype (typically float32 + int64: 2).
     group None or P == 1: none.
     """
+    _check_model(model, "broadcast_running_stats", group)
     world = comm.group_size(group)
     if not isinstance(src, int) or not 0 <= src < world:
         raise ValueError(
@@ -144,6 +152,7 @@ def recalibrate(model: nn.Module, batches: Iterable[Any], group: Group = None) -
     Collectives (P > 1): those of the forwards, plus 1 all-reduce of sum over norms of
     (2C + 1) float64. group None or P == 1: only those of the forwards.
     """
+    _check_model(model, "recalibrate", group)
     norms = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats and m.running_mean is not None]
     modes = {m: m.training for m in model.modules()}
     # shift = the running mean before the passes (identical on every rank, close to the data)

@@ -19,6 +19,7 @@ stats) -> :class:`SyncBatchNorm` (drop-in module) and :func:`convert_sync_batchn
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -28,6 +29,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from distnorm import comm
 from distnorm.comm import Group
+from distnorm.data_parallel._nonfinite import guard_running_stats, init_nonfinite_guard
 from distnorm.functional.batch_stats import channel_sums, channel_view
 
 __all__ = ["SyncBatchNorm", "convert_sync_batchnorm", "sync_batch_norm"]
@@ -49,6 +51,9 @@ def check_input(
 
     ``num_features=None`` skips the channel-count check.
     """
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
+        raise TypeError(f"{where}: input must be a floating-point tensor, got {got} ({_where(group)})")
     if x.dim() < 2:
         raise ValueError(
             f"{where}: input must have at least 2 dims (batch and channel), got shape {tuple(x.shape)} "
@@ -224,6 +229,10 @@ class SyncBatchNorm(_BatchNorm):
     Collectives (P > 1, training): fwd 1 all-reduce of 2C + 1 float32 (4(2C + 1) bytes); bwd 1
     all-reduce of 2C float32 (8C bytes). float64 inputs: twice the bytes. Eval, group None or
     P == 1: none.
+
+    Non-finite batches: the running statistics are not updated from a batch whose synced statistics
+    are NaN/Inf (counted in the non-persistent buffer ``num_nonfinite_skips``, so the state dict keeps
+    torch's keys; the output still propagates them) unless ``allow_nonfinite_stats=True``.
     """
 
     def __init__(
@@ -239,9 +248,17 @@ class SyncBatchNorm(_BatchNorm):
         *,
         channel_dim: int = 1,
         process_group: Group = None,
+        allow_nonfinite_stats: bool = False,
     ) -> None:
+        cls = type(self).__name__
+        comm.group_size(group if group is not None else process_group)  # a non-group is a TypeError naming it
         if not isinstance(num_features, int) or isinstance(num_features, bool) or num_features < 1:
-            raise ValueError(f"SyncBatchNorm: num_features must be a positive int, got {num_features!r} ({_where(group)})")
+            raise ValueError(f"{cls}: num_features must be a positive int, got {num_features!r} ({_where(group)})")
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
+            raise ValueError(f"{cls}: eps must be a finite float >= 0, got {eps!r} ({_where(group)})")
+        if momentum is not None and (isinstance(momentum, bool) or not isinstance(momentum, (int, float))
+                                     or not 0.0 <= momentum <= 1.0):
+            raise ValueError(f"{cls}: momentum must be None or a float in [0, 1], got {momentum!r} ({_where(group)})")
         if channel_dim not in (1, -1):
             raise ValueError(f"SyncBatchNorm: channel_dim must be 1 or -1, got {channel_dim!r} ({_where(group)})")
         if group is not None and process_group is not None and group is not process_group:
@@ -251,6 +268,7 @@ class SyncBatchNorm(_BatchNorm):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
         self.group: Group = group if group is not None else process_group
         self.channel_dim = channel_dim
+        init_nonfinite_guard(self, allow_nonfinite_stats, device)
 
     @property
     def process_group(self) -> Group:
@@ -274,6 +292,13 @@ class SyncBatchNorm(_BatchNorm):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         check_input(x, self.num_features, self.channel_dim, mask, self.group, type(self).__name__)
+        state = self.weight if self.weight is not None else self.running_mean
+        if state is not None and state.device != x.device:
+            raise ValueError(f"{type(self).__name__}: input must be on the module's device {state.device}, got "
+                             f"{x.device} ({_where(self.group)})")
+        return guard_running_stats(self, lambda: self._forward(x, mask))
+
+    def _forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         momentum = self._momentum()
         if not self.training and self.running_mean is not None:
             return self._eval_forward(x)
@@ -304,6 +329,9 @@ def convert_sync_batchnorm(module: nn.Module, group: Group = None, *, channel_di
     training flag; returns the (possibly new) root. Mirrors ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``;
     modules that already are distnorm norms are left as they are.
     """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"convert_sync_batchnorm: module must be an nn.Module, got {type(module).__name__} "
+                        f"({_where(group)})")
     out = module
     if isinstance(module, _BatchNorm) and not isinstance(module, SyncBatchNorm):
         out = SyncBatchNorm(

@@ -7,7 +7,8 @@ from torch import nn
 
 from distnorm import comm
 from distnorm.comm import Group
-from distnorm.functional._norm_utils import check_input, rank_of
+from distnorm.data_parallel._nonfinite import guard_running_stats, init_nonfinite_guard
+from distnorm.functional._norm_utils import check_args, check_input, rank_of
 from distnorm.functional.unified_norm import unified_norm
 
 __all__ = ["UnifiedNorm"]
@@ -27,6 +28,10 @@ class UnifiedNorm(nn.Module):
     Collectives in training (P > 1): fwd 1 all-reduce of ``C + 1`` fp32 numbers (``[sum x^2, n]``);
     bwd 1 all-reduce of ``C`` fp32 numbers (``sum g*z``); fp64 for fp64 input. Eval, ``group`` None
     or P == 1: none. Every rank takes the same skip decision and ends with identical buffers.
+
+    Non-finite batches: the running statistics are not updated from a batch whose synced statistics
+    are NaN/Inf (counted in the non-persistent buffer ``num_nonfinite_skips``; the output still
+    propagates them) unless ``allow_nonfinite_stats=True``.
     """
 
     running_stat_buffers: tuple[str, ...] = ("running_var",)
@@ -50,10 +55,12 @@ class UnifiedNorm(nn.Module):
         *,
         group: Group = None,
         channel_dim: int = -1,
+        allow_nonfinite_stats: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        check_args("UnifiedNorm", group, num_features, eps)
         if num_features < 1:
             raise ValueError(f"UnifiedNorm: num_features must be >= 1, got {num_features} (rank {rank_of(group)})")
         if not isinstance(window_size, int) or window_size < 1:
@@ -77,6 +84,7 @@ class UnifiedNorm(nn.Module):
         self.register_buffer("buffer_x2", torch.zeros(window_size, num_features, **f32))  # type: ignore[arg-type]
         self.register_buffer("buffer_gz", torch.zeros(window_size, num_features, **f32))  # type: ignore[arg-type]
         self.register_buffer("skip_counter", torch.zeros((), device=device, dtype=torch.long))
+        init_nonfinite_guard(self, allow_nonfinite_stats, device)
         self.reset_parameters()
 
     def reset_running_stats(self) -> None:
@@ -91,13 +99,13 @@ class UnifiedNorm(nn.Module):
             nn.init.zeros_(self.bias)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        check_input(x, self.num_features, self.channel_dim, mask, "UnifiedNorm")
+        check_input(x, self.num_features, self.channel_dim, mask, "UnifiedNorm", self)
         state = (self.running_var, self.ema_gz, self.num_batches_tracked, self.buffer_x2, self.buffer_gz, self.skip_counter)
-        return unified_norm(
+        return guard_running_stats(self, lambda: unified_norm(
             x, self.weight, self.bias, state, training=self.training, eps=self.eps, momentum=self.momentum,
             window_size=self.window_size, warmup_iters=self.warmup_iters, outlier_filtration=self.outlier_filtration,
             ratio_warmup_iters=self.ratio_warmup_iters, channel_dim=self.channel_dim, mask=mask, group=self.group,
-        )
+        ), backward_buffers=("ema_gz", "buffer_gz"))
 
     def fold_scale_shift(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Eval form as a per-channel affine map: ``y = x * scale + shift`` (fp32 ``[C]`` each)."""

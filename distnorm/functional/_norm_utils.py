@@ -6,10 +6,12 @@ Private: the public functional APIs live in ``power_norm.py``, ``unified_norm.py
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from distnorm import comm
 from distnorm.comm import Group
@@ -20,8 +22,25 @@ def rank_of(group: Group) -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else comm.group_rank(group)
 
 
-def check_input(x: torch.Tensor, num_features: int, channel_dim: int, mask: torch.Tensor | None, where: str) -> int:
-    """Validate ``x`` and ``mask``; return the non-negative channel dim."""
+def check_args(where: str, group: Group, num_features: object, eps: object) -> None:
+    """Constructor checks shared by the running-statistics norms: group type, ``num_features``, ``eps``."""
+    comm.group_size(group)  # a non-group is a TypeError naming it
+    if not isinstance(num_features, int) or isinstance(num_features, bool) or num_features < 1:
+        raise ValueError(f"{where}: num_features must be an int >= 1, got {num_features!r} (rank {rank_of(group)})")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"{where}: eps must be a finite float >= 0, got {eps!r} (rank {rank_of(group)})")
+
+
+def check_input(x: torch.Tensor, num_features: int, channel_dim: int, mask: torch.Tensor | None, where: str,
+                module: nn.Module | None = None) -> int:
+    """Validate ``x`` (and that it sits on ``module``'s device) and ``mask``; return the non-negative channel dim."""
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
+        raise TypeError(f"{where}: input must be a floating-point tensor, got {got} (rank {rank_of(None)})")
+    state = None if module is None else next(iter((*module.parameters(), *module.buffers())), None)
+    if state is not None and state.device != x.device:
+        raise ValueError(f"{where}: input must be on the module's device {state.device}, got {x.device} "
+                         f"(rank {rank_of(None)})")
     if x.dim() < 2:
         raise ValueError(f"{where}: input must have at least 2 dims [N, C, *] or [B, T, C], got shape "
                          f"{tuple(x.shape)} (rank {rank_of(None)})")

@@ -399,6 +399,8 @@ def check_fused_inputs(partial: torch.Tensor, residual: torch.Tensor, weight: to
             raise ValueError(f"{fn}: weight must have shape ({hidden},), got {shape} ({where})")
         if not weight.is_floating_point():
             raise TypeError(f"{fn}: weight must be floating point, got {weight.dtype} ({where})")
+        if weight.device != partial.device:
+            raise ValueError(f"{fn}: weight must be on partial's device {partial.device}, got {weight.device} ({where})")
     if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps >= 0:
         raise ValueError(f"{fn}: eps must be a float >= 0, got {eps!r} ({where})")
 

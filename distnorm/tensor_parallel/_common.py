@@ -129,6 +129,7 @@ class NormBase(nn.Module):
         self.output_scale = check_float(cls, "output_scale", output_scale, group)
         self.zero_centered_gamma = bool(zero_centered_gamma)
         self.elementwise_affine = bool(elementwise_affine)
+        group_size(group)  # a non-group is a TypeError here, not at the first forward
         self.group = group
         self.local_size = local_size(self.normalized_shape)
         factory: dict[str, Any] = {"dtype": dtype, "device": device}

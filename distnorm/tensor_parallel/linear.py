@@ -56,7 +56,15 @@ def _check_positive(name: str, value: object, cls: str, group: Group) -> int:
     return value
 
 
-def _check_last_dim(x: torch.Tensor, expected: int, what: str, cls: str, group: Group) -> None:
+def _check_last_dim(x: torch.Tensor, expected: int, what: str, cls: str, group: Group,
+                    weight: torch.Tensor | None = None) -> None:
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
+        raise TypeError(f"{cls}: input must be a floating-point tensor, got {got} "
+                        f"(rank {group_rank(group)} of {group_size(group)})")
+    if weight is not None and weight.device != x.device:
+        raise ValueError(f"{cls}: input must be on the weight's device {weight.device}, got {x.device} "
+                         f"(rank {group_rank(group)} of {group_size(group)})")
     if x.dim() == 0 or x.shape[-1] != expected:
         raise ValueError(
             f"{cls}: input last dim must be {what} = {expected}, got shape {tuple(x.shape)} "
@@ -106,7 +114,7 @@ class ColumnParallelLinear(nn.Module):
         """``num_tokens``: the global token count, needed with ``sequence_parallel`` when it does
         not divide evenly (shards then follow ``shard_sizes(num_tokens, P)``); ``None`` means every
         rank holds as many tokens as this one."""
-        _check_last_dim(x, self.in_features, "in_features", "ColumnParallelLinear", self.group)
+        _check_last_dim(x, self.in_features, "in_features", "ColumnParallelLinear", self.group, self.weight)
         if self.sequence_parallel:
             sizes = None if num_tokens is None else shard_sizes(num_tokens, group_size(self.group))
             x = comm.gather_along(x, self.group, dim=self.sequence_dim, sizes=sizes)
@@ -167,7 +175,8 @@ class RowParallelLinear(nn.Module):
                                       sizes=shard_sizes(self.in_features, group_size(self.group)))
 
     def forward(self, x_shard: torch.Tensor) -> torch.Tensor:
-        _check_last_dim(x_shard, self.weight.shape[1], "the local in_features shard", "RowParallelLinear", self.group)
+        _check_last_dim(x_shard, self.weight.shape[1], "the local in_features shard", "RowParallelLinear", self.group,
+                        self.weight)
         partial = F.linear(x_shard, self.weight)
         if not self.reduce_output:
             if self.bias is not None and group_rank(self.group) == 0:

@@ -219,3 +219,40 @@ def test_data_parallel_factories_need_their_module() -> None:
     else:
         model = nn.Sequential(nn.BatchNorm1d(4))
         assert type(C.convert_norms(model, C.to_sync_batch_norm(None))[0]).__name__ == "SyncBatchNorm"
+
+
+def _sync_bn_rank(rank: int, bn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    world = torch.distributed.get_world_size()
+    model = C.convert_norms(nn.Sequential(copy.deepcopy(bn)), C.to_sync_batch_norm(torch.distributed.group.WORLD))
+    start, size = shard_offsets(x.shape[0], world)[rank], shard_sizes(x.shape[0], world)[rank]
+    return model(x[start:start + size]).detach(), model[0].running_mean.clone()
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_sync_batch_norm_conversion_uses_the_whole_batch(world: int) -> None:
+    pytest.importorskip("distnorm.data_parallel")
+    bn = _perturb(nn.BatchNorm1d(5).double()).train()
+    x = torch.randn(7, 5, dtype=torch.float64) * 3 + 1
+    ref = copy.deepcopy(bn)
+    expected = ref(x).detach()
+    results = simulate(world, _sync_bn_rank, bn, x, timeout=60)
+    torch.testing.assert_close(torch.cat([y for y, _ in results]), expected, rtol=0, atol=1e-10)
+    for _, running_mean in results:
+        torch.testing.assert_close(running_mean, ref.running_mean, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("cls", ["PowerNorm", "UnifiedNorm", "RepBatchNorm"])
+def test_fold_scale_shift_norms_into_linear(cls: str) -> None:
+    dp = pytest.importorskip("distnorm.data_parallel")
+    torch.manual_seed(0)
+    norm = getattr(dp, cls)(6, channel_dim=-1).double()
+    model = nn.Sequential(nn.Linear(4, 6), norm, nn.Linear(6, 3)).double()
+    for _ in range(3):  # move the running statistics away from their initial values
+        model(torch.randn(8, 4, dtype=torch.float64) * 2).sum().backward()
+    _perturb(model)
+    x = torch.randn(5, 4, dtype=torch.float64)
+    ref = model(x)
+    C.fold_norms(model, x)
+    assert isinstance(model[1], nn.Identity)
+    # fold_scale_shift() returns float32 (scale, shift) by contract: float32 round-off, not 1e-10
+    torch.testing.assert_close(model(x), ref, rtol=1e-6, atol=1e-6)

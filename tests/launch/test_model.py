@@ -131,13 +131,6 @@ def test_bad_model_config() -> None:
         make_norm("groupnorm", 8, tp_group=None, stats_group=None)
 
 
-@pytest.mark.skipif(_has_data_parallel(), reason="distnorm.data_parallel is present")
-@pytest.mark.parametrize("norm", ["powernorm", "unified", "prepbn"])
-def test_batch_norms_without_data_parallel_say_so(norm: str) -> None:
-    with pytest.raises(ValueError, match=rf"norm='{norm}' needs distnorm.data_parallel"):
-        make_norm(norm, 8, tp_group=None, stats_group=None)
-
-
 def test_batches_split_the_global_batch_over_dp() -> None:
     corpus = load_corpus(4096)
     full = Batches(corpus, seq_len=16, global_batch=4, dp_size=1, dp_rank=0, seed=3).batch(5)[0]

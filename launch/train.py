@@ -1,0 +1,333 @@
+"""Train the tiny distnorm GPT: one script for every launcher.
+
+    python launch/train.py                                                    # world of 1
+    torchrun --nproc-per-node 4 launch/train.py --tp 2                        # TP=2 x DP=2
+    deepspeed --num_gpus 4 launch/train.py --deepspeed configs/deepspeed_zero1.json --tp 2
+    mpirun -np 4 python launch/train.py --tp 2                                # mpi4py bootstrap
+
+Configuration: ``configs/tiny_gpt.toml`` (``--config``), then command-line overrides. The model
+weights and the data order depend only on the seed and the global batch, not on the launcher or
+the TP x DP shape, so the same seed gives the same losses everywhere (to round-off).
+Rank 0 shows a progress bar, logs loss and tokens/s, and writes ``<out_dir>/<name>/metrics.json``
+and ``loss.png``. A bad configuration is one ``train.py: error: ...`` line and exit code 2, on every
+rank before any rank waits for another.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
+
+if __package__ in (None, ""):  # `python launch/train.py`: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import distnorm as dn
+from distnorm import comm
+from distnorm.config import from_dict
+from distnorm.topology import Topology
+from launch.data import Batches, load_corpus
+from launch.model import GPT, ModelConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = ROOT / "configs" / "tiny_gpt.toml"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TrainConfig:
+    """A training run (top level of the TOML config; ``[model]`` is :class:`launch.model.ModelConfig`)."""
+
+    name: str = "tiny_gpt"
+    """Run name: outputs go to ``<out_dir>/<name>/``."""
+    seed: int = 1234
+    steps: int = 200
+    tp: int = 1
+    """Tensor-parallel degree; must divide the world size."""
+    batch_size: int = 16
+    """Global sequences per step, split over the DP ranks."""
+    lr: float = 3e-3
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    corpus_bytes: int = 1 << 20
+    log_every: int = 20
+    out_dir: str = "runs"
+    overlap: bool = False
+    """Fused reduce-scatter + residual + RMSNorm + all-gather (``distnorm.overlap``, TokenWeave's op);
+    needs ``model.norm = "rmsnorm"`` and ``placement = "pre"``. Also on with the DeepSpeed section's
+    ``overlap.enabled``."""
+    progress: bool = True
+    """tqdm progress bar on rank 0."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+
+
+# command-line flag -> (config key path, type)
+_OVERRIDES: dict[str, tuple[str, type]] = {
+    "name": ("name", str), "seed": ("seed", int), "steps": ("steps", int), "tp": ("tp", int),
+    "batch_size": ("batch_size", int), "lr": ("lr", float), "out_dir": ("out_dir", str),
+    "log_every": ("log_every", int), "corpus_bytes": ("corpus_bytes", int),
+    "d_model": ("model.d_model", int), "n_layers": ("model.n_layers", int), "n_heads": ("model.n_heads", int),
+    "seq_len": ("model.seq_len", int), "norm": ("model.norm", str), "placement": ("model.placement", str),
+    "grad_sync": ("model.grad_sync", str),
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=str(DEFAULT_CONFIG), help="TOML run config (default: %(default)s)")
+    p.add_argument("--deepspeed", metavar="JSON", default=None, help="train with DeepSpeed using this config")
+    for flag, (_, tp) in _OVERRIDES.items():
+        p.add_argument("--" + flag.replace("_", "-"), dest=flag, type=tp, default=None)
+    p.add_argument("--layer-norm-scaling", dest="layer_norm_scaling", action=argparse.BooleanOptionalAction,
+                   default=None, help="LayerNorm Scaling (1/sqrt(layer) on each layer's input norms)")
+    p.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=None, help="TokenWeave overlap path")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="progress bar on rank 0")
+    p.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=None,
+                   help=argparse.SUPPRESS)  # passed by the deepspeed launcher; LOCAL_RANK says the same
+    return p.parse_args(argv)
+
+
+def load_train_config(args: argparse.Namespace) -> TrainConfig:
+    """The TOML file with the command-line overrides applied; unknown keys and bad values raise."""
+    path = Path(args.config)
+    if not path.is_file():
+        raise ValueError(f"--config: file {str(path)!r} does not exist")
+    try:
+        data: dict[str, Any] = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"--config {str(path)!r}: invalid TOML: {exc}") from None
+    flags = {**{k: (v, getattr(args, k)) for k, (v, _) in _OVERRIDES.items()},
+             "layer_norm_scaling": ("model.layer_norm_scaling", args.layer_norm_scaling),
+             "overlap": ("overlap", args.overlap), "progress": ("progress", args.progress)}
+    for key_path, value in flags.values():
+        if value is None:
+            continue
+        table = data
+        *parents, leaf = key_path.split(".")
+        for parent in parents:
+            table = table.setdefault(parent, {})
+        table[leaf] = value
+    return from_dict(TrainConfig, data, where=path.name)
+
+
+def _env_rank() -> int:
+    for var in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK"):
+        if var in os.environ:
+            return int(os.environ[var])
+    return 0
+
+
+def _check(cfg: TrainConfig) -> None:
+    for name in ("steps", "batch_size", "log_every"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"{name}: must be >= 1, got {getattr(cfg, name)} (rank {_env_rank()})")
+    if not (cfg.lr > 0 and math.isfinite(cfg.lr)):
+        raise ValueError(f"lr: must be a finite float > 0, got {cfg.lr} (rank {_env_rank()})")
+
+
+def _deepspeed_config(path: str, cfg: TrainConfig, tp_from_cli: bool) -> tuple[dict[str, Any], int]:
+    """The DeepSpeed dict (batch keys filled in from the run config) and the TP degree to use."""
+    from distnorm.integrations.deepspeed import SECTION, load_config
+
+    ds, section = load_config(path)
+    tp = cfg.tp if tp_from_cli or SECTION not in ds or "tp_size" not in ds[SECTION] else section.tp_size
+    ds = {**ds, SECTION: {**ds.get(SECTION, {}), "tp_size": tp}}
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world % tp == 0:  # else init_distributed reports the bad tp
+        local = cfg.batch_size // (world // tp)
+        for key, want in (("train_micro_batch_size_per_gpu", local), ("gradient_accumulation_steps", 1),
+                          ("train_batch_size", cfg.batch_size)):
+            if key in ds and ds[key] != want:
+                raise ValueError(f"{Path(path).name}: {key}={ds[key]!r} disagrees with the run config "
+                                 f"(batch_size={cfg.batch_size}, dp={world // tp}: expected {want}) (rank {_env_rank()})")
+        ds.setdefault("train_micro_batch_size_per_gpu", local)
+        ds.setdefault("gradient_accumulation_steps", 1)
+    return ds, tp
+
+
+def average_over_dp(model: nn.Module, dp_group: dist.ProcessGroup | None) -> None:
+    """Data parallelism without DDP: average every gradient over ``dp_group`` in one flat all-reduce
+    per dtype (what DDP's buckets do, minus the overlap with backward).
+
+    Why not DDP: on gloo/CPU, freeing a DDP model at exit can deadlock in torch 2.13 (the Reducer's
+    destructor joins a gloo worker thread while holding the GIL that thread is waiting for); the
+    demo hung at exit under torchrun and mpirun. The tiny model's backward has nothing to overlap.
+    Collectives: 1 all-reduce per parameter dtype (4 B per parameter for float32); none for DP == 1.
+    """
+    world = comm.group_size(dp_group)
+    if world == 1:
+        return
+    buckets: dict[torch.dtype, list[nn.Parameter]] = {}
+    for p in model.parameters():
+        if p.requires_grad:
+            buckets.setdefault(p.dtype, []).append(p)
+    for params in buckets.values():
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+        comm.all_reduce_(flat, dp_group).div_(world)
+        offset = 0
+        for p in params:
+            g = flat[offset: offset + p.numel()].view_as(p)
+            offset += p.numel()
+            if p.grad is None:
+                p.grad = g.clone()
+            else:
+                p.grad.copy_(g)
+
+
+def _lr_lambda(cfg: TrainConfig) -> Any:
+    """Linear warmup, then cosine decay to 10 % of ``lr`` at the last step."""
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        return 0.1 + 0.45 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def _plot(losses: list[float], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(range(1, len(losses) + 1), losses)
+    ax.set(xlabel="step", ylabel="loss (nats/char)", title=title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def train(cfg: TrainConfig, deepspeed_config: dict[str, Any] | None = None, tp: int | None = None) -> dict[str, Any]:
+    """Run the training loop on this rank; rank 0 returns (and writes) the metrics."""
+    tp = cfg.tp if tp is None else tp
+    topo: Topology = dn.init_distributed(tp=tp)
+    if topo.world_size > 1 and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // topo.world_size))
+    torch.manual_seed(cfg.seed)
+    corpus = load_corpus(cfg.corpus_bytes)
+    section_overlap = bool(((deepspeed_config or {}).get("distnorm") or {}).get("overlap", {}).get("enabled", False))
+    mcfg = dataclasses.replace(cfg.model, vocab_size=cfg.model.vocab_size or corpus.vocab_size, total_steps=cfg.steps,
+                               overlap=cfg.overlap or section_overlap)
+    stats_group = dist.group.WORLD if topo.world_size > 1 else None
+    model: nn.Module = GPT(mcfg, tp_group=topo.tp_group, stats_group=stats_group, seed=cfg.seed).to(topo.device)
+    batches = Batches(corpus, seq_len=mcfg.seq_len, global_batch=cfg.batch_size, dp_size=topo.dp_size,
+                      dp_rank=topo.dp_rank, seed=cfg.seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
+    engine: Any = None
+    launcher = topo.launcher
+    if deepspeed_config is not None:
+        if mcfg.grad_sync == "deferred":
+            raise ValueError(f"model.grad_sync='deferred' is not supported with --deepspeed (rank {topo.rank})")
+        from distnorm.integrations import deepspeed as ds_integration
+
+        engine, _, _, _ = ds_integration.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                                    config=deepspeed_config, topology=topo)
+        launcher = "deepspeed"
+
+    is_main = topo.rank == 0
+    bar: Any = None
+    if is_main and cfg.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.steps, desc=f"{cfg.name} tp={topo.tp_size} dp={topo.dp_size}", dynamic_ncols=True)
+    log = bar.write if bar is not None else (lambda s: print(s, flush=True))
+    losses: list[float] = []
+    tokens_per_s: list[float] = []
+    tokens_per_step = cfg.batch_size * mcfg.seq_len
+    start = time.perf_counter()
+    for step in range(cfg.steps):
+        t0 = time.perf_counter()
+        idx, targets = batches.batch(step)
+        idx, targets = idx.to(topo.device), targets.to(topo.device)
+        if engine is not None:
+            loss = engine(idx, targets)
+            engine.backward(loss)
+            engine.step()
+        else:
+            loss = model(idx, targets)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if mcfg.grad_sync == "deferred":
+                dn.tensor_parallel.sync_sequence_parallel_grads(model)
+            average_over_dp(model, topo.dp_group)
+            optimizer.step()
+            scheduler.step()
+        # the loss of the global batch: mean over DP ranks (each already summed over its TP group)
+        global_loss = comm.all_reduce_(loss.detach().float().reshape(1).clone(), topo.dp_group) / topo.dp_size
+        losses.append(float(global_loss))
+        tokens_per_s.append(tokens_per_step / (time.perf_counter() - t0))
+        if not math.isfinite(losses[-1]):
+            raise FloatingPointError(f"loss is {losses[-1]} at step {step + 1} (rank {topo.rank})")
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.4f}", tok_s=f"{tokens_per_s[-1]:.0f}")
+        if is_main and (step == 0 or (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps):
+            log(f"step {step + 1:5d}  loss {losses[-1]:.4f}  tokens/s {tokens_per_s[-1]:.0f}")
+    elapsed = time.perf_counter() - start
+    if bar is not None:
+        bar.close()
+    metrics: dict[str, Any] = {}
+    if is_main:
+        run_dir = Path(cfg.out_dir) / cfg.name
+        run_dir.mkdir(parents=True, exist_ok=True)
+        metrics = {
+            "name": cfg.name, "launcher": launcher, "world_size": topo.world_size, "tp": topo.tp_size,
+            "dp": topo.dp_size, "steps": cfg.steps, "losses": losses, "tokens_per_s": tokens_per_s,
+            "first_loss": losses[0], "final_loss": losses[-1], "elapsed_s": elapsed,
+            "mean_tokens_per_s": tokens_per_step * cfg.steps / elapsed, "config": dataclasses.asdict(cfg),
+            "deepspeed": deepspeed_config,
+        }
+        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
+        _plot(losses, run_dir / "loss.png", f"{cfg.name}: {mcfg.norm}/{mcfg.placement}, tp={topo.tp_size} dp={topo.dp_size}")
+        log(f"loss {losses[0]:.4f} -> {losses[-1]:.4f} ({losses[-1] / losses[0]:.0%} of the first) in {elapsed:.1f} s; "
+            f"metrics: {run_dir / 'metrics.json'}; plot: {run_dir / 'loss.png'}")
+    dn.topology.destroy()
+    return metrics
+
+
+def _error(exc: Exception) -> int:
+    msg = str(exc) if "(rank " in str(exc) else f"{exc} (rank {_env_rank()})"
+    print(f"train.py: error: {msg}", file=sys.stderr, flush=True)
+    return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_train_config(args)
+        _check(cfg)
+        ds_config, tp = None, cfg.tp
+        if args.deepspeed is not None:
+            ds_config, tp = _deepspeed_config(args.deepspeed, cfg, tp_from_cli=args.tp is not None)
+    except (ValueError, TypeError) as exc:
+        # the configuration is the same on every rank and is checked before any collective: every
+        # rank exits here, none waits; rank 0 says why
+        return _error(exc) if _env_rank() == 0 else 2
+    try:
+        train(cfg, ds_config, tp)
+    except (ValueError, TypeError) as exc:  # init_distributed checks tp before the rendezvous, on every rank
+        return _error(exc)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

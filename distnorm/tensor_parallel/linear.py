@@ -136,7 +136,8 @@ class RowParallelLinear(nn.Module):
     with ``reduce_output=False`` the partial sums ``[*, out]`` (bias on TP rank 0 only).
     Collectives (P > 1): fwd 1 all-reduce of the output (or 1 reduce-scatter along tokens, or
     none with ``reduce_output=False``); bwd none, or for sequence parallel 1 all-gather of the
-    output gradient plus 1 all-reduce of the bias gradient (``out`` numbers).
+    output gradient plus 1 all-reduce of the bias gradient (``out`` numbers), or with
+    ``reduce_output=False`` and a bias 1 all-reduce of the bias gradient (``out`` numbers).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, group: Group = None,
@@ -179,9 +180,12 @@ class RowParallelLinear(nn.Module):
                         self.weight)
         partial = F.linear(x_shard, self.weight)
         if not self.reduce_output:
-            if self.bias is not None and group_rank(self.group) == 0:
-                partial = partial + self.bias
-            return partial
+            if self.bias is None:
+                return partial
+            # The bias enters the sum once (rank 0's partial), but every rank holds a replica: the
+            # copy's backward all-reduce hands each replica the full gradient, so none drifts.
+            bias = comm.copy_to_group(self.bias, self.group)
+            return partial + bias if group_rank(self.group) == 0 else partial + 0.0 * bias
         if self.sequence_parallel:
             y = comm.reduce_scatter_along(partial, self.group, dim=self.sequence_dim)
             # the replicated bias meets only this rank's tokens: its gradient is summed over ranks

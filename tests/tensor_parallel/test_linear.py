@@ -75,9 +75,11 @@ def _partial_rank(rank, world, x_full, params):
     group = dist.group.WORLD if world > 1 else None
     row = RowParallelLinear.from_full(params[2], params[3], group=group, reduce_output=False)
     h = split_for_world(x_full, world, dim=-1)[rank]
-    with count_collectives() as c:
+    with count_collectives() as fwd:
         partial = row(h)
-    return partial, c.total
+    with count_collectives() as bwd:
+        partial.sum().backward()
+    return partial.detach(), fwd.total, row.bias.grad, bwd.counts
 
 
 @pytest.mark.parametrize("world", [1, 3])
@@ -86,7 +88,11 @@ def test_row_partial_sums_add_up(world):
     h = torch.randn(TOKENS, HID, dtype=torch.float64)
     outs = simulate(world, _partial_rank, world, h, params, timeout=60)
     torch.testing.assert_close(sum(o[0] for o in outs), F.linear(h, params[2], params[3]), rtol=0, atol=1e-12)
-    assert all(o[1] == 0 for o in outs)
+    for _, fwd_total, bias_grad, bwd_counts in outs:
+        assert fwd_total == 0
+        # every replica of the bias gets the full gradient (TOKENS per output), so none drifts
+        torch.testing.assert_close(bias_grad, torch.full((OUT,), float(TOKENS), dtype=torch.float64))
+        assert bwd_counts == ({} if world == 1 else {"all_reduce": 1})
 
 
 def test_bad_inputs():

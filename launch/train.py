@@ -23,6 +23,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +74,9 @@ class TrainConfig:
     ``overlap.enabled``."""
     progress: bool = True
     """tqdm progress bar on rank 0."""
+    timeout_s: float = 600.0
+    """Seconds a collective may wait for its peers (``init_distributed(timeout=)``): a rank that dies
+    or stops makes the others exit with an error after at most this long, instead of hanging."""
     model: ModelConfig = field(default_factory=ModelConfig)
 
 
@@ -83,7 +87,7 @@ _OVERRIDES: dict[str, tuple[str, type]] = {
     "log_every": ("log_every", int), "corpus_bytes": ("corpus_bytes", int),
     "d_model": ("model.d_model", int), "n_layers": ("model.n_layers", int), "n_heads": ("model.n_heads", int),
     "seq_len": ("model.seq_len", int), "norm": ("model.norm", str), "placement": ("model.placement", str),
-    "grad_sync": ("model.grad_sync", str),
+    "grad_sync": ("model.grad_sync", str), "timeout_s": ("timeout_s", float),
 }
 
 
@@ -138,6 +142,8 @@ def _check(cfg: TrainConfig) -> None:
             raise ValueError(f"{name}: must be >= 1, got {getattr(cfg, name)} (rank {_env_rank()})")
     if not (cfg.lr > 0 and math.isfinite(cfg.lr)):
         raise ValueError(f"lr: must be a finite float > 0, got {cfg.lr} (rank {_env_rank()})")
+    if not (cfg.timeout_s > 0 and math.isfinite(cfg.timeout_s)):
+        raise ValueError(f"timeout_s: must be a finite number of seconds > 0, got {cfg.timeout_s} (rank {_env_rank()})")
 
 
 def _deepspeed_config(path: str, cfg: TrainConfig, tp_from_cli: bool) -> tuple[dict[str, Any], int]:
@@ -218,7 +224,7 @@ def _plot(losses: list[float], path: Path, title: str) -> None:
 def train(cfg: TrainConfig, deepspeed_config: dict[str, Any] | None = None, tp: int | None = None) -> dict[str, Any]:
     """Run the training loop on this rank; rank 0 returns (and writes) the metrics."""
     tp = cfg.tp if tp is None else tp
-    topo: Topology = dn.init_distributed(tp=tp)
+    topo: Topology = dn.init_distributed(tp=tp, timeout=timedelta(seconds=cfg.timeout_s))
     if topo.world_size > 1 and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // topo.world_size))
     torch.manual_seed(cfg.seed)
@@ -326,6 +332,9 @@ def main(argv: list[str] | None = None) -> int:
         train(cfg, ds_config, tp)
     except (ValueError, TypeError) as exc:  # init_distributed checks tp before the rendezvous, on every rank
         return _error(exc)
+    except RuntimeError as exc:  # a peer died or stopped: the collective failed or timed out (timeout_s)
+        _error(exc)
+        os._exit(1)  # leave at once: the process group's shutdown could wait on the lost peer
     return 0
 
 

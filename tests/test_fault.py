@@ -105,6 +105,47 @@ def test_lost_rank_gives_survivors_an_error_within_the_timeout(sig):
         assert any(f"rank {rank}: training failed at a collective" in line for line in err[rank]), err[rank]
 
 
+def _start_launcher(rank: int, port: int, out_dir: Path) -> subprocess.Popen:
+    env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), OMP_NUM_THREADS="1",
+               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), PYTHONPATH=str(ROOT))
+    args = ["--steps", "100000", "--log-every", "1", "--batch-size", "6", "--corpus-bytes", "65536", "--d-model", "32",
+            "--seq-len", "32", "--tp", "1", "--timeout-s", str(PG_TIMEOUT_S), "--no-progress", "--out-dir", str(out_dir)]
+    return subprocess.Popen([sys.executable, str(ROOT / "launch" / "train.py"), *args], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_launcher_survivors_exit_within_timeout_s(tmp_path):
+    """launch/train.py as torchrun starts it (RANK/WORLD_SIZE/MASTER_*), DP = 3: rank 2 stops."""
+    port = free_port()
+    procs = [_start_launcher(r, port, tmp_path) for r in range(WORLD)]
+    out: list[list[str]] = [[] for _ in procs]
+    err: list[list[str]] = [[] for _ in procs]
+    readers = [_drain(p.stdout, out[r]) for r, p in enumerate(procs)] + [_drain(p.stderr, err[r]) for r, p in enumerate(procs)]
+    try:
+        deadline = time.monotonic() + 90
+        while not any("step     3" in line for line in out[0]):  # rank 0 logs every step
+            assert time.monotonic() < deadline, f"no training progress: {out[0][-3:]} {err}"
+            assert all(p.poll() is None for p in procs), f"a rank exited early: {err}"
+            time.sleep(0.05)
+        procs[2].send_signal(signal.SIGSTOP)
+        stopped_at = time.monotonic()
+        codes = [p.wait(timeout=PG_TIMEOUT_S + 30) for p in procs[:2]]
+        elapsed = time.monotonic() - stopped_at
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for t in readers:
+        t.join(5)
+    assert codes == [1, 1], (codes, err)
+    assert elapsed < PG_TIMEOUT_S + 6, elapsed
+    for rank in range(2):
+        assert any(line.startswith("train.py: error:") for line in err[rank]), err[rank]
+
+
 def _multi_rank_calls_without_timeout(path: Path) -> list[str]:
     import ast
 

@@ -39,5 +39,10 @@ pytest: $(STAMP)
 
 test: lint typecheck pytest
 
+# The tiny GPT, TP=2 x DP=2 under torchrun on the CPU (about a minute on 2 cores); its last line
+# says where metrics.json and the loss plot are.
+demo: $(STAMP)
+	$(PY) -m torch.distributed.run --nproc-per-node 4 --master-port $$($(PY) -c "from distnorm.testing import free_port; print(free_port())") launch/train.py --config configs/tiny_gpt.toml --tp 2
+
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

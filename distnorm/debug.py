@@ -184,7 +184,7 @@ def _thread_hook(kind: str, tensor: torch.Tensor, group: Group) -> None:
 def enable_consistency_checks(enabled: bool = True) -> bool:
     """Turn the cross-rank consistency checks on or off for the whole process; returns the old state.
 
-    What ``DistNormConfig(consistency_checks=True)`` calls. Unlike :func:`consistency_checks`
+    What a config with ``"debug": {"consistency_checks": true}`` calls (``DistNormConfig.apply_debug``). Unlike :func:`consistency_checks`
     (which covers the calling thread), the flag also covers autograd's device threads, where
     CUDA backward passes run. Every rank must set the same value.
     """

@@ -46,3 +46,22 @@ def test_from_dict_where_prefix_and_floats() -> None:
         from_dict(Run, {"lr": "fast"}, where="run.toml")
     with pytest.raises(TypeError, match="cls must be a dataclass"):
         from_dict(dict, {})  # type: ignore[type-var]
+
+
+def test_debug_section_turns_on_consistency_checks():
+    from distnorm import debug
+    from distnorm.config import DistNormConfig
+
+    assert DistNormConfig.from_dict({}).debug.consistency_checks is False
+    with pytest.raises(ValueError, match=r"distnorm\.debug\.checks"):
+        DistNormConfig.from_dict({"debug": {"checks": True}})
+    cfg = DistNormConfig.from_dict({"debug": {"consistency_checks": True}})
+    before = debug.consistency_checks_enabled()
+    try:
+        debug.enable_consistency_checks(False)
+        DistNormConfig.from_dict({}).apply_debug()
+        assert not debug.consistency_checks_enabled()
+        cfg.apply_debug()
+        assert debug.consistency_checks_enabled()
+    finally:
+        debug.enable_consistency_checks(before)

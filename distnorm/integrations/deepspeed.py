@@ -123,6 +123,7 @@ def initialize(
             raise ValueError(
                 f"distnorm.overlap.enabled=true needs distnorm.overlap, which this build does not have (rank {topo.rank})"
             ) from None
+    cfg.apply_debug()
     model = convert_model(model, cfg, topo)
     _skip_cpu_shm_build()
     import deepspeed

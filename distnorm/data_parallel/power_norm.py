@@ -8,7 +8,7 @@ from torch import nn
 from distnorm import comm
 from distnorm.comm import Group
 from distnorm.data_parallel._nonfinite import guard_running_stats, init_nonfinite_guard
-from distnorm.functional._norm_utils import check_args, check_input, rank_of
+from distnorm.functional._norm_utils import check_args, check_input, rank_of, scale_shift_fold
 from distnorm.functional.power_norm import power_norm
 
 __all__ = ["PowerNorm"]
@@ -112,12 +112,8 @@ class PowerNorm(nn.Module):
         if self.group_num is not None:
             raise ValueError(f"PowerNorm.fold_scale_shift: group_num={self.group_num} makes the eval form "
                              f"non-affine; expected group_num=None (rank {rank_of(self.group)})")
-        scale = torch.rsqrt(self.running_phi.float() + self.eps)
-        shift = torch.zeros_like(scale)
-        if self.affine:
-            scale = scale * self.weight.detach().float()
-            shift = self.bias.detach().float().clone()
-        return scale, shift
+        return scale_shift_fold(self.running_phi, self.eps, self.weight if self.affine else None,
+                                self.bias if self.affine else None)
 
     def extra_repr(self) -> str:
         return (f"{self.num_features}, eps={self.eps}, alpha_fwd={self.alpha_fwd}, alpha_bkw={self.alpha_bkw}, "

@@ -8,7 +8,7 @@ from torch import nn
 from distnorm import comm
 from distnorm.comm import Group
 from distnorm.data_parallel._nonfinite import guard_running_stats, init_nonfinite_guard
-from distnorm.functional._norm_utils import check_args, check_input, rank_of
+from distnorm.functional._norm_utils import check_args, check_input, rank_of, scale_shift_fold
 from distnorm.functional.unified_norm import unified_norm
 
 __all__ = ["UnifiedNorm"]
@@ -109,12 +109,8 @@ class UnifiedNorm(nn.Module):
 
     def fold_scale_shift(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Eval form as a per-channel affine map: ``y = x * scale + shift`` (fp32 ``[C]`` each)."""
-        scale = torch.rsqrt(self.running_var.float() + self.eps)
-        shift = torch.zeros_like(scale)
-        if self.affine:
-            scale = scale * self.weight.detach().float()
-            shift = self.bias.detach().float().clone()
-        return scale, shift
+        return scale_shift_fold(self.running_var, self.eps, self.weight if self.affine else None,
+                                self.bias if self.affine else None)
 
     def extra_repr(self) -> str:
         return (f"{self.num_features}, window_size={self.window_size}, warmup_iters={self.warmup_iters}, "

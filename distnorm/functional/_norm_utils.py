@@ -173,3 +173,21 @@ def rows_ref(x: torch.Tensor, c_dim: int, mask: torch.Tensor | None) -> torch.Te
     """Float64 ``[real rows, C]`` of ``x`` (boolean indexing: a reference-only helper)."""
     rows = x.double().movedim(c_dim, -1)
     return rows.reshape(-1, x.shape[c_dim]) if mask is None else rows[mask]
+
+
+def scale_shift_fold(
+    second_moment: torch.Tensor, eps: float, weight: torch.Tensor | None, bias: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eval form ``y = x / sqrt(m + eps) * weight + bias`` as ``(scale, shift)`` (fp32 ``[C]`` each).
+
+    The running-second-moment norms (PowerNorm, UnifiedNorm) normalise without centring, so their
+    eval form is this per-channel affine map, foldable into a neighbouring Linear.
+    """
+    scale = torch.rsqrt(second_moment.float() + eps)
+    shift = torch.zeros_like(scale)
+    if weight is not None:
+        scale = scale * weight.detach().float()
+    if bias is not None:
+        shift = bias.detach().float().clone()
+    return scale, shift
+

@@ -58,8 +58,6 @@ class PowerNorm(nn.Module):
     ) -> None:
         super().__init__()
         check_args("PowerNorm", group, num_features, eps)
-        if num_features < 1:
-            raise ValueError(f"PowerNorm: num_features must be >= 1, got {num_features} (rank {rank_of(group)})")
         for name, value in (("alpha_fwd", alpha_fwd), ("alpha_bkw", alpha_bkw)):
             if not 0.0 <= value < 1.0:
                 raise ValueError(f"PowerNorm: {name} must be in [0, 1), got {value} (rank {rank_of(group)})")

@@ -61,8 +61,6 @@ class UnifiedNorm(nn.Module):
     ) -> None:
         super().__init__()
         check_args("UnifiedNorm", group, num_features, eps)
-        if num_features < 1:
-            raise ValueError(f"UnifiedNorm: num_features must be >= 1, got {num_features} (rank {rank_of(group)})")
         if not isinstance(window_size, int) or window_size < 1:
             raise ValueError(f"UnifiedNorm: window_size must be an int >= 1, got {window_size!r} (rank {rank_of(group)})")
         if not 0.0 <= momentum < 1.0:

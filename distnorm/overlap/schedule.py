@@ -12,15 +12,17 @@ chunk's next step waits for. Per block and direction the chains are (``C`` = ``b
     backward reduce_scatter   |reduce-scatter| N' |all-gather| C' |reduce-scatter| ...   ("partial")
                               N' |all-gather| C' N' |all-gather| ...                     ("replicated")
 
-:func:`interleave` runs the chunks' chains round-robin, step by step: wait for the chunk's last
+:func:`interleave` runs the chunks' chains in turns, step by step: wait for the chunk's last
 collective, do its host work, issue its next collective, go to the next chunk. So each
 collective is in flight while the other chunks work. The order is fixed by the arguments alone,
 never by which collective finishes first: every rank issues the same collectives in the same
 order, as collectives require.
 
-With two chunks, a collective is hidden when the other chunk's host work between its issue and
-its wait lasts as long; in reduce_scatter mode the norm between a chunk's two collectives runs on
-the host, so with two chunks one of them waits behind a short norm: :func:`replay` predicts it.
+A collective is hidden when the other chunks' host work between its issue and its wait lasts as
+long. In reduce_scatter mode the norm between a chunk's two collectives runs on the host: with
+two chunks one of the two collectives can only wait behind the other chunk's short norm (about
+half the link time stays exposed), with three (staggered) both hide behind computes.
+:func:`replay` predicts all of it.
 
 Pure functions, no torch: the runner (:mod:`distnorm.overlap.token_split`) executes the events,
 :func:`replay` times them with a cost model, tests pin them.
@@ -76,18 +78,31 @@ def chain(mode: str, num_layers: int, *, backward: bool = False, normed_grad: st
 
 
 def interleave(steps: Sequence[Step], chunks: int) -> Iterator[tuple[str, int, int]]:
-    """The events of ``chunks`` chunks running ``steps`` round-robin: ``("wait", c, k)`` (chunk
-    ``c`` waits for the collective of its step ``k``), ``("work", c, k)``, ``("issue", c, k)``, and
-    ``("round", -1, k)`` once every chunk has done step ``k``."""
-    for k, step in enumerate(steps):
-        for c in range(chunks):
+    """The events of ``chunks`` chunks running ``steps``, staggered: in turn ``t`` chunk ``c`` does
+    its step ``t - c``, the most delayed chunk first. Events: ``("wait", c, k)`` (chunk ``c`` waits
+    for the collective of its step ``k``), ``("work", c, k)``, ``("issue", c, k)``, and
+    ``("round", -1, k)`` once every chunk has done step ``k``.
+
+    With two chunks this is plain round-robin (A_k, B_k, A_{k+1}, ...). With three, a chunk's
+    collective is followed by the other two chunks' work before the chunk's next step: in
+    reduce_scatter mode each chunk's reduce-scatter hides behind one compute and its all-gather
+    behind the next, where two chunks can hide only one of the two (module docstring).
+    """
+    last = chunks - 1
+    for turn in range(len(steps) + last):
+        for c in range(last, -1, -1):
+            k = turn - c
+            if not 0 <= k < len(steps):
+                continue
+            step = steps[k]
             if k and steps[k - 1].collective is not None:
                 yield "wait", c, k - 1
             if step.work:
                 yield "work", c, k
             if step.collective is not None:
                 yield "issue", c, k
-        yield "round", -1, k
+            if c == last:
+                yield "round", -1, k
 
 
 def replay(

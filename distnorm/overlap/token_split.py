@@ -130,7 +130,8 @@ def _fit_line(points: list[tuple[float, float]], name: str) -> tuple[float, floa
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class TokenSplitPlan:
-    """Where to split ``num_tokens`` tokens: half A = the first ``first`` tokens, half B the rest.
+    """Where to split ``num_tokens`` tokens: half A = the first ``first`` tokens, half B the rest;
+    or, with ``chunks``, that many chunks of those token counts (``chunks[0] == first``).
 
     ``first == num_tokens`` means no split. ``predicted_*_s`` are the cost model's step times for
     the whole stack (0.0 when the plan was written by hand), ``reason`` says why.
@@ -141,10 +142,17 @@ class TokenSplitPlan:
     reason: str = "given"
     predicted_unsplit_s: float = 0.0
     predicted_split_s: float = 0.0
+    chunks: tuple[int, ...] = ()
+    """Token counts of every chunk when there are three or more (empty: the halves ``first`` and
+    ``num_tokens - first``). Three let reduce_scatter mode hide both of a chunk's collectives."""
 
     def __post_init__(self) -> None:
         if not 0 < self.first <= self.num_tokens:
             raise ValueError(f"TokenSplitPlan: first must be in [1, num_tokens={self.num_tokens}], got {self.first}")
+        if self.chunks and (sum(self.chunks) != self.num_tokens or min(self.chunks) < 1
+                            or self.chunks[0] != self.first or len(self.chunks) < 2):
+            raise ValueError(f"TokenSplitPlan: chunks must be >= 2 positive token counts summing to num_tokens="
+                             f"{self.num_tokens}, the first equal to first={self.first}, got {self.chunks}")
 
     @property
     def split(self) -> bool:
@@ -152,10 +160,14 @@ class TokenSplitPlan:
 
     @property
     def second(self) -> int:
+        """Tokens after the first chunk (half B, or every later chunk)."""
         return self.num_tokens - self.first
 
     @property
     def halves(self) -> tuple[int, ...]:
+        """Token counts of the chunks, in order (one entry when unsplit)."""
+        if self.chunks:
+            return self.chunks
         return (self.first, self.second) if self.split else (self.num_tokens,)
 
     @classmethod
@@ -224,10 +236,12 @@ def plan_token_split(
     min_gain: float = 0.01,
     training: bool = False,
     normed_grad: NormedGrad = "replicated",
+    max_chunks: int = 2,
 ) -> TokenSplitPlan:
-    """Split ``num_tokens`` into two halves that balance compute against communication.
+    """Split ``num_tokens`` into two halves (or, with ``max_chunks=3``, up to three chunks) that
+    balance compute against communication.
 
-    Cost model (per block, per half of ``n`` tokens; see ``docs/overlap.md``):
+    Cost model (per block, per chunk of ``n`` tokens; see ``docs/overlap.md``):
 
     * compute ``C(n) = compute_latency + ceil(n / tile) * tile * flops_per_token / flops_per_s``
       (``flops_per_token`` defaults to a 4x MLP sharded over ``world``: ``16 * hidden**2 / world``);
@@ -237,14 +251,15 @@ def plan_token_split(
       TokenWeaver's schedule replayed on a host and a FIFO link (:func:`predict_step_s`); in
       allreduce mode its steady state per block is ``max(C(a) + C(b), M(a) + M(b), C(a) + M(a),
       C(b) + M(b))``: each half's critical path and each engine's load. In reduce_scatter mode
-      the norm between a half's two collectives runs on the host, so only one of them can hide
-      behind the other half's compute.
+      the norm between a chunk's two collectives runs on the host, so with two halves only one of
+      them can hide behind the other half's compute; three chunks hide both.
     * ``training``: the step is forward + backward (``normed_grad`` as the blocks use it).
 
-    Candidates for the first half are multiples of ``lcm(tile, world)`` (whole tiles, equal
-    shards in reduce_scatter mode) with at least that many tokens left for the second half; the
-    fastest wins if it beats the unsplit step by ``min_gain`` (relative), else no split. Batches
-    shorter than two aligned halves, and ``world == 1``, never split.
+    Candidates: the first half a multiple of ``lcm(tile, world)`` (whole tiles, equal shards in
+    reduce_scatter mode) with at least that many tokens left; with ``max_chunks=3`` also three
+    chunks ``(a, a, rest)``, ``a`` aligned, ``rest >= align``. The fastest wins if it beats the
+    unsplit step by ``min_gain`` (relative), else no split. Batches shorter than two aligned
+    halves, and ``world == 1``, never split.
 
     Returns a :class:`TokenSplitPlan` with the predicted times and the reason.
     """
@@ -257,6 +272,8 @@ def plan_token_split(
     if normed_grad not in NORMED_GRADS:
         raise ValueError(f"plan_token_split: normed_grad must be one of {NORMED_GRADS}, got {normed_grad!r} "
                          f"(rank {comm._global_rank()})")
+    if max_chunks not in (2, 3):
+        raise ValueError(f"plan_token_split: max_chunks must be 2 or 3, got {max_chunks!r} (rank {comm._global_rank()})")
     prof = DeviceProfile() if device_profile is None else device_profile
     fpt = 16.0 * hidden * hidden / world if flops_per_token is None else float(flops_per_token)
     model = dict(device_profile=prof, flops_per_token=fpt, num_layers=num_layers,
@@ -270,15 +287,20 @@ def plan_token_split(
         return replace(plan, reason="world == 1: nothing to overlap")
     if num_tokens < 2 * align:
         return replace(plan, reason=f"{num_tokens} tokens < two aligned halves of lcm(tile, world) = {align}")
-    best_first, best = num_tokens, unsplit
-    for first in range(align, num_tokens - align + 1, align):
-        t = predict_step_s([first, num_tokens - first], hidden, world, **model)  # type: ignore[arg-type]
+    candidates: list[tuple[int, ...]] = [(a, num_tokens - a) for a in range(align, num_tokens - align + 1, align)]
+    if max_chunks == 3:
+        candidates += [(a, a, num_tokens - 2 * a) for a in range(align, (num_tokens - align) // 2 + 1, align)]
+    best_chunks: tuple[int, ...] = (num_tokens,)
+    best = unsplit
+    for chunks in candidates:
+        t = predict_step_s(chunks, hidden, world, **model)  # type: ignore[arg-type]
         if t < best:
-            best_first, best = first, t
+            best_chunks, best = chunks, t
     if best > unsplit * (1.0 - min_gain):
         return replace(plan, reason=f"best split saves {1 - best / unsplit:.1%} < min_gain {min_gain:.1%}")
-    return replace(plan, first=best_first, predicted_split_s=best,
-                   reason=f"split {best_first}+{num_tokens - best_first} saves {1 - best / unsplit:.1%}")
+    return replace(plan, first=best_chunks[0], chunks=best_chunks if len(best_chunks) > 2 else (),
+                   predicted_split_s=best,
+                   reason=f"split {'+'.join(map(str, best_chunks))} saves {1 - best / unsplit:.1%}")
 
 
 # --------------------------------------------------------------------------------------------

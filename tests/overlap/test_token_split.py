@@ -90,13 +90,15 @@ def _compare_rank(rank, world, mode, normed_grad, plan, x, residual, dy, dres):
 @pytest.mark.parametrize("normed_grad", ["replicated", "partial"])
 @pytest.mark.parametrize("mode", ["allreduce", "reduce_scatter"])
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
-@pytest.mark.parametrize("tokens,first", [(7, 3), (12, 5), (1, 1)])
-def test_woven_equals_the_plain_stack(mode, normed_grad, world, tokens, first):
+@pytest.mark.parametrize("chunks", [(3, 4), (5, 7), (1,), (4, 3, 5)], ids=str)
+def test_woven_equals_the_plain_stack(mode, normed_grad, world, chunks):
     """float64: the woven run (forward and backward) equals the blocks called one after another to
-    round-off, on every rank, with the collectives pinned."""
-    plan = TokenSplitPlan(num_tokens=tokens, first=first)
+    round-off, on every rank, with the collectives pinned; uneven tokens (1, 7, 12), two halves or
+    three chunks."""
+    tokens = sum(chunks)
+    plan = TokenSplitPlan(num_tokens=tokens, first=chunks[0], chunks=chunks if len(chunks) > 2 else ())
     outs = simulate(world, _compare_rank, world, mode, normed_grad, plan, *_inputs(tokens), timeout=120)
-    halves = 2 if plan.split else 1
+    halves = len(chunks)
     for rank, out in enumerate(outs):
         stack, _, _ = out["stack"]
         for variant in ("unsplit", "woven"):
@@ -186,6 +188,9 @@ def test_compiled_path_is_the_autograd_of_the_forward(monkeypatch, mode, normed_
 # --------------------------------------------------------------------------------------------
 
 
+CHUNK_NAMES = {3: "A", 4: "B", 2: "C"}  # chunks told apart by their token counts
+
+
 class _RecordingLauncher:
     """A world of one whose collectives log when they are issued and waited for."""
 
@@ -195,7 +200,7 @@ class _RecordingLauncher:
         self.log = log
 
     def _issue(self, x):
-        name = "A" if x.shape[0] == 3 else "B"
+        name = CHUNK_NAMES[x.shape[0]]
         self.log.append(f"issue {name}")
 
         def finish():
@@ -219,7 +224,7 @@ class _Probe(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, log):
-        ctx.log, ctx.name = log, "A" if x.shape[0] == 3 else "B"
+        ctx.log, ctx.name = log, CHUNK_NAMES[x.shape[0]]
         return x.view_as(x)
 
     @staticmethod
@@ -228,7 +233,7 @@ class _Probe(torch.autograd.Function):
         return grad, None
 
 
-def _logged_run(monkeypatch, mode, normed_grad):
+def _logged_run(monkeypatch, mode, normed_grad, chunks=(3, 4)):
     log = []
     monkeypatch.setattr(token_split, "make_launcher", lambda *a, **k: _RecordingLauncher(log))
     blocks = _blocks(None, torch.float64, normed_grad)
@@ -236,13 +241,13 @@ def _logged_run(monkeypatch, mode, normed_grad):
         original = b.partial
 
         def partial(x, original=original):
-            log.append(f"compute {'A' if x.shape[0] == 3 else 'B'}")
+            log.append(f"compute {CHUNK_NAMES[x.shape[0]]}")
             return original(_Probe.apply(x, log))
 
         b.partial = partial
-    x, residual, *_ = _inputs(7)
-    y, r = TokenWeaver(blocks, None, TokenSplitPlan(num_tokens=7, first=3), mode=mode, normed_grad=normed_grad)(
-        x.requires_grad_(), residual)
+    x, residual, *_ = _inputs(sum(chunks))
+    plan = TokenSplitPlan(num_tokens=sum(chunks), first=chunks[0], chunks=chunks if len(chunks) > 2 else ())
+    y, r = TokenWeaver(blocks, None, plan, mode=mode, normed_grad=normed_grad)(x.requires_grad_(), residual)
     forward = list(log)
     log.clear()
     (y.sum() + r.sum()).backward()
@@ -265,6 +270,26 @@ def test_forward_schedule_overlaps_each_half_with_the_others_compute(monkeypatch
         "wait B", "compute B", "issue B",                         # B1 (A1's rs in flight)
         "wait A", "issue A", "wait B", "issue B", "wait A", "wait B",
     ]
+
+
+def test_three_chunks_hide_both_reduce_scatter_collectives(monkeypatch):
+    """Staggered turns: between a chunk's reduce-scatter and its norm, and between its all-gather
+    and its next compute, another chunk computes."""
+    forward, _ = _logged_run(monkeypatch, "reduce_scatter", "replicated", chunks=(3, 4, 2))
+    assert forward == [
+        "compute A", "issue A",                                  # turn 0: A0
+        "compute B", "issue B", "wait A", "issue A",             # turn 1: B0 (A's rs in flight), norm A0
+        "compute C", "issue C", "wait B", "issue B",             # turn 2: C0 (A's ag in flight), norm B0
+        "wait A", "compute A", "issue A",                        # turn 2: A1
+        "wait C", "issue C", "wait B", "compute B", "issue B",   # turn 3: norm C0 (A1 hid B's ag), B1
+        "wait A", "issue A",                                     # turn 3: norm A1 (B1 hid A's rs)
+        "wait C", "compute C", "issue C", "wait B", "issue B", "wait A",   # turn 4: C1, norm B1
+        "wait C", "issue C", "wait B",                           # turn 5: norm C1
+        "wait C",
+    ]
+    _, backward = _logged_run(monkeypatch, "reduce_scatter", "partial", chunks=(3, 4, 2))
+    computes = [e for e in backward if e.startswith("compute'")]
+    assert computes == ["compute' A", "compute' B", "compute' C"] * LAYERS
 
 
 def test_backward_schedule_overlaps_each_half_with_the_others_compute(monkeypatch):
@@ -318,7 +343,7 @@ def _sharded_residual_rank(rank):
     x, residual, *_ = _inputs(7)
     shard = _local(residual, "reduce_scatter", group)
     y, r = TokenWeaver(blocks, group, TokenSplitPlan(num_tokens=7, first=3), mode="reduce_scatter")(x, shard)
-    assert r.shape == shard.shape == (shard_sizes(7, 3)[rank], HIDDEN)
+    assert y.shape == x.shape and r.shape == shard.shape == (shard_sizes(7, 3)[rank], HIDDEN)
     with pytest.raises(ValueError, match=rf"residual must have shape \({shard.shape[0]}, 16\) \(reduce_scatter mode: "
                                          r"this rank's token shard, shard_sizes\(7, 3\)\), got \(7, 16\) "
                                          rf"\(rank {rank} of 3\)"):

@@ -55,6 +55,7 @@ from distnorm.overlap import (
     plan_token_split,
 )
 from distnorm.overlap.fused import add_rms_norm
+from distnorm.overlap.token_split import predict_step_s
 
 OUT = Path(__file__).resolve().parent / "out"
 PHASES = ("fwd", "bwd")
@@ -144,22 +145,21 @@ def _cpu_mode(group: Any, world: int, rank: int, mode: str, cfg: dict[str, Any])
             out[name][q] = v
         return out
 
-    half = tokens // 2
-    # 1. host work alone (no link time), at two sizes: the planner's compute model
-    cal = rounds({"half": step(weaver(None, with_link=False), half),
-                  "full": step(weaver(None, with_link=False), tokens)})
-    itemsize = 4
+    # 1. host work alone (no link time) at three sizes: the planner's compute model
+    sizes = sorted({tokens // 3, tokens // 2, tokens})
+    cal = rounds({str(n): step(weaver(None, with_link=False), n) for n in sizes})
     profile = DeviceProfile.calibrate(
-        compute=[(half, cal["half"]["fwd"] / layers), (tokens, cal["full"]["fwd"] / layers)],
+        compute=[(n, cal[str(n)]["fwd"] / layers) for n in sizes],
         comm=[(b, cfg["link_latency_s"] + b / link.all_reduce_bytes_per_s(world)) for b in (1e3, 1e6)],
         flops_per_token=16 * hidden * hidden / world, tile_tokens=cfg["tile"],
-        backward_compute_ratio=cal["full"]["bwd"] / cal["full"]["fwd"])
+        backward_compute_ratio=cal[str(tokens)]["bwd"] / cal[str(tokens)]["fwd"])
     plan_args = dict(device_profile=profile, num_layers=layers, dtype=torch.float32, mode=mode, training=True,
                      normed_grad="partial")
-    plan = plan_token_split(tokens, hidden, world, **plan_args)  # type: ignore[arg-type]
-    if not plan.split:  # measure a split anyway: the table says the planner declined
-        plan = TokenSplitPlan(num_tokens=tokens, first=max(1, half), reason=f"planner declined ({plan.reason}); "
-                              "half split measured")
+    plan = plan_token_split(tokens, hidden, world, max_chunks=3, **plan_args)  # type: ignore[arg-type]
+    if not plan.split:  # measure a split anyway (halves; thirds in reduce_scatter mode): the table says why
+        chunks = comm.shard_sizes(tokens, 2 if mode == "allreduce" else 3)
+        plan = TokenSplitPlan(num_tokens=tokens, first=chunks[0], chunks=tuple(chunks) if len(chunks) > 2 else (),
+                              reason=f"planner declined ({plan.reason}); {'+'.join(map(str, chunks))} measured")
     # 2. the four variants
     m = rounds({
         "compute": step(weaver(None, with_link=False), tokens),
@@ -177,16 +177,14 @@ def _cpu_mode(group: Any, world: int, rank: int, mode: str, cfg: dict[str, Any])
                    "comm_split_s": comm_split, "unsplit_s": m["unsplit"][ph], "woven_s": m["woven"][ph],
                    "hidden_s": hidden_s, "efficiency": hidden_s / min(compute_split, comm_split),
                    "split_overhead": compute_split / compute - 1.0}
-    halves = list(plan.halves)
+    chunks = list(plan.halves)
     predict = {k: v for k, v in plan_args.items() if k != "dtype"}
-    from distnorm.overlap.token_split import predict_step_s
-
     fpt = 16 * hidden * hidden / world
-    row["plan"] = {"first": plan.first, "second": plan.second, "reason": plan.reason,
+    row["plan"] = {"chunks": chunks, "reason": plan.reason,
                    "predicted_unsplit_s": predict_step_s([tokens], hidden, world, flops_per_token=fpt,
-                                                         itemsize=itemsize, **predict),  # type: ignore[arg-type]
-                   "predicted_split_s": predict_step_s(halves, hidden, world, flops_per_token=fpt,
-                                                       itemsize=itemsize, **predict),  # type: ignore[arg-type]
+                                                         itemsize=4, **predict),  # type: ignore[arg-type]
+                   "predicted_split_s": predict_step_s(chunks, hidden, world, flops_per_token=fpt,
+                                                       itemsize=4, **predict),  # type: ignore[arg-type]
                    "measured_unsplit_s": m["unsplit"]["fwd"] + m["unsplit"]["bwd"],
                    "measured_split_s": m["woven"]["fwd"] + m["woven"]["bwd"]}
     row["profile"] = {f: getattr(profile, f) for f in ("flops_per_s", "compute_latency_s", "comm_latency_s",
@@ -328,11 +326,11 @@ def _print_cpu(rows: list[dict[str, Any]]) -> None:
                   f"| {_ms(q['woven_s'])} | {_ms(q['hidden_s'])} | {q['efficiency']:.0%} "
                   f"| {q['split_overhead']:+.1%} |")
     print()
-    print("| mode | P | split | training step, planner unsplit / split ms | measured unsplit / split ms |")
+    print("| mode | P | chunks | training step, planner unsplit / split ms | measured unsplit / split ms |")
     print("|---|---|---|---|---|")
     for r in rows:
         p = r["plan"]
-        print(f"| {r['mode']} | {r['world']} | {p['first']}+{p['second']} "
+        print(f"| {r['mode']} | {r['world']} | {'+'.join(map(str, p['chunks']))} "
               f"| {_ms(p['predicted_unsplit_s'])} / {_ms(p['predicted_split_s'])} "
               f"| {_ms(p['measured_unsplit_s'])} / {_ms(p['measured_split_s'])} |")
 

@@ -387,6 +387,7 @@ class FusedNormCall:
         self.sizes = sizes if sizes is not None or launcher is None else shard_sizes(partial.shape[0], launcher.world)
         self.pending: PendingCollective | None = None
         self.gathered: PendingCollective | None = None
+        self.normed: torch.Tensor | None = None
 
     @property
     def scattered(self) -> bool:
@@ -406,12 +407,14 @@ class FusedNormCall:
             self.pending.wait()
 
     def norm(self) -> torch.Tensor:
-        if self.pending is None:  # local path
+        # the handle is dropped once received (a recorded call lives until the backward)
+        pending, self.pending = self.pending, None
+        if pending is None:  # local path
             h = leaf(self.partial) if self.record else self.partial
         elif self.record:
-            h = leaf(self.pending.wait())
+            h = leaf(pending.wait())
         else:
-            h = _finish(self.partial, self.pending, "identity" if self.mode == "allreduce" else "all_gather",
+            h = _finish(self.partial, pending, "identity" if self.mode == "allreduce" else "all_gather",
                         self.group, self.sizes)
         self.h = h
         self.y, self.residual_out = self.local_op(h, self.residual, self.weight, self.eps)
@@ -422,11 +425,17 @@ class FusedNormCall:
             self.gathered = self.launcher.all_gather(self.y.detach(), self.sizes)  # type: ignore[union-attr, arg-type]
 
     def finish(self) -> torch.Tensor:
-        if self.gathered is not None:
+        if self.normed is None:
+            self.normed = self._finish()
+        return self.normed
+
+    def _finish(self) -> torch.Tensor:
+        gathered, self.gathered = self.gathered, None  # its receive buffers go with it
+        if gathered is not None:
             if self.record:
-                return self.gathered.wait()
+                return gathered.wait()
             rule: GradRule = "reduce_scatter" if self.normed_grad == "partial" else "narrow"
-            return _finish(self.y, self.gathered, rule, self.group, self.sizes)
+            return _finish(self.y, gathered, rule, self.group, self.sizes)
         if self.record:
             return self.y.detach()
         return comm.copy_to_group(self.y, self.group) if self.normed_grad == "partial" else self.y

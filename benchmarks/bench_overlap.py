@@ -1,21 +1,32 @@
-"""Token-split overlap: unsplit vs weaved TP block stacks, overlap efficiency, cost model check.
+"""Token-split overlap, forward and backward: unsplit vs woven TP block stacks, measured.
 
-CPU (default): 2 and 4 gloo processes run a stack of ``ParallelMLPBlock``s (fp32) on T tokens;
-per world it measures compute alone, the collectives alone, the unsplit step, the weaved step
-(split chosen by ``plan_token_split`` with a profile calibrated from the same run, and a plain
-half split), and the cost model's prediction.
+CPU (default): P gloo processes (P = 2 and 4) run a stack of ``ParallelMLPBlock``s (fp32,
+``normed_grad="partial"``) through a training step, in both modes. Every collective goes through
+a :class:`~distnorm.overlap.SimulatedLink` (``--link-latency-ms``, ``--link-gbps`` bus
+bandwidth): the real collective plus the time the modelled link needs, slept out by the waiting
+thread -- time that frees the cores, as a NIC would -- so overlap is measurable on 2 cores. Per
+mode and P, forward and backward separately (min over interleaved rounds, max over ranks):
+
+* compute: the stack with no link time (host work, real collectives included), unsplit and split;
+* comm: the link time injected into the unsplit and the split run;
+* unsplit / woven: with the link;
+* overlap efficiency = hidden / min(compute, comm), hidden = split compute + split comm - woven;
+* split overhead = split compute / unsplit compute - 1;
+* the planner's predicted training step (its profile: compute fitted to this run's no-link
+  timings, comm = the link's parameters) vs the measured one, unsplit and at its split.
 
 GPU (``--device cuda``, one GPU): the stack is one rank's shard of a TP-8 MLP (bf16) and every
-collective is replaced by a stand-in of known duration on a side stream — a sleep kernel sized
+collective is replaced by a stand-in of known duration on a side stream -- a sleep kernel sized
 like an 8xH100 NVLink all-reduce of the same bytes (``DeviceProfile()`` defaults: 12 us + bytes /
-250 GB/s, TokenWeave's setting). Reports overlap efficiency = hidden time / min(compute, comm),
-split overhead = weaved compute / unsplit compute, the fused add+RMSNorm's bandwidth, predicted
-vs measured step time, and whether the weaved step captures in a CUDA graph.
+250 GB/s, TokenWeave's setting). Forward only; reports overlap efficiency, split overhead, the
+fused add+RMSNorm's bandwidth, predicted vs measured and whether the step captures in a CUDA graph.
 
-    python benchmarks/bench_overlap.py                      # CPU, worlds 2 and 4, < 3 min
-    python benchmarks/bench_overlap.py --device cuda        # one GPU
+    python benchmarks/bench_overlap.py --link-latency-ms 1 --link-gbps 2   # CPU, P = 2 and 4
+    python benchmarks/bench_overlap.py --quick                             # CI smoke (seconds)
+    python benchmarks/bench_overlap.py --device cuda                       # one GPU
 
-Writes a table to stdout and ``benchmarks/out/bench_overlap_<device>.{json,png}``.
+Writes a table to stdout and ``<out>/bench_overlap_<device>.{json,png}`` (``--out``, default
+``benchmarks/out``).
 """
 
 from __future__ import annotations
@@ -35,10 +46,19 @@ import torch
 import torch.distributed as dist
 
 from distnorm import comm
-from distnorm.overlap import DeviceProfile, ParallelMLPBlock, TokenSplitPlan, TokenWeaver, plan_token_split
+from distnorm.overlap import (
+    DeviceProfile,
+    ParallelMLPBlock,
+    SimulatedLink,
+    TokenSplitPlan,
+    TokenWeaver,
+    plan_token_split,
+)
 from distnorm.overlap.fused import add_rms_norm
+from distnorm.overlap.token_split import predict_step_s
 
 OUT = Path(__file__).resolve().parent / "out"
+PHASES = ("fwd", "bwd")
 
 
 def _median_s(fn: Callable[[], Any], *, iters: int, warmup: int, sync: Callable[[], None]) -> float:
@@ -55,100 +75,134 @@ def _median_s(fn: Callable[[], Any], *, iters: int, warmup: int, sync: Callable[
 
 
 # --------------------------------------------------------------------------------------------
-# CPU: real gloo processes
+# CPU: real gloo processes, collectives through a modelled link
 # --------------------------------------------------------------------------------------------
 
 
-def _cpu_rank(rank: int, cfg: dict[str, Any]) -> dict[str, Any]:
+def _cpu_rank(rank: int, cfg: dict[str, Any]) -> list[dict[str, Any]]:
     torch.set_num_threads(1)
     group = dist.group.WORLD
     world = dist.get_world_size()
-    tokens, hidden, layers, mode = cfg["tokens"], cfg["hidden"], cfg["layers"], cfg["mode"]
+    return [_cpu_mode(group, world, rank, mode, cfg) for mode in cfg["modes"]]
+
+
+def _cpu_mode(group: Any, world: int, rank: int, mode: str, cfg: dict[str, Any]) -> dict[str, Any]:
+    tokens, hidden, layers = cfg["tokens"], cfg["hidden"], cfg["layers"]
     gen = torch.Generator().manual_seed(0)
-    blocks = [ParallelMLPBlock(hidden, 4 * hidden, group=group, generator=gen) for _ in range(layers)]
-    x = torch.randn(tokens, hidden, generator=gen)
-    residual = torch.randn(tokens, hidden, generator=gen)
+    blocks = [ParallelMLPBlock(hidden, 4 * hidden, group=group, bias=False, generator=gen, normed_grad="partial")
+              for _ in range(layers)]
+    link = SimulatedLink(latency_s=cfg["link_latency_s"], bus_bytes_per_s=cfg["link_bytes_per_s"])
     barrier_buf = torch.zeros(1)
 
-    def sync() -> None:  # every rank starts each timed call together
+    def sync() -> None:  # every rank starts each timed phase together (a real collective, off the link)
         comm.all_reduce_(barrier_buf, group)
 
-    def rounds(variants: dict[str, Callable[[], Any]], iters: int) -> dict[str, float]:
-        """Interleaved: each round times every variant once (drift and neighbours' load hit all
-        alike); the minimum over rounds is the least disturbed run."""
-        times: dict[str, list[float]] = {k: [] for k in variants}
-        for i in range(iters + 1):
+    def inputs(n: int) -> tuple[torch.Tensor, ...]:
+        g = torch.Generator().manual_seed(1)
+        x, residual, dy, dres = (torch.randn(n, hidden, generator=g) for _ in range(4))
+        if mode == "reduce_scatter":  # this rank's token shard, as the fused op holds it
+            lo, size = comm.shard_offsets(n, world)[rank], comm.shard_sizes(n, world)[rank]
+            residual, dres = residual[lo:lo + size], dres[lo:lo + size]
+        return x.requires_grad_(), residual.requires_grad_(), dy / world, dres  # dy: this rank's partial
+
+    def step(weaver: TokenWeaver, n: int) -> Callable[[], dict[str, float]]:
+        x, residual, dy, dres = inputs(n)
+
+        def run() -> dict[str, float]:
+            sync()
+            link.reset()
+            t0 = time.perf_counter()
+            y, r = weaver(x, residual)
+            t1 = time.perf_counter()
+            fwd_link = link.injected_s
+            sync()
+            t2 = time.perf_counter()
+            torch.autograd.backward((y, r), (dy, dres))
+            t3 = time.perf_counter()
+            return {"fwd": t1 - t0, "bwd": t3 - t2, "fwd_link": fwd_link, "bwd_link": link.injected_s - fwd_link}
+
+        return run
+
+    def weaver(plan: TokenSplitPlan | None, *, with_link: bool) -> TokenWeaver:
+        return TokenWeaver(blocks, group, plan, mode=mode, normed_grad="partial",
+                           wrap_launcher=link.wrap if with_link else None)
+
+    def rounds(variants: dict[str, Callable[[], dict[str, float]]]) -> dict[str, dict[str, float]]:
+        """Interleaved: each round runs every variant once (drift and neighbours' load hit all
+        alike); per quantity the minimum over rounds (the least disturbed run), then the maximum
+        over ranks (the slowest rank sets a step's time, and every rank must plan alike)."""
+        samples: dict[str, list[dict[str, float]]] = {k: [] for k in variants}
+        for i in range(cfg["iters"] + 1):
             for name, fn in variants.items():
-                sync()
-                t0 = time.perf_counter()
-                fn()
-                sync()
+                result = fn()
                 if i:  # round 0 warms up
-                    times[name].append(time.perf_counter() - t0)
-        local = torch.tensor([min(v) for v in times.values()], dtype=torch.float64)
-        # the slowest rank sets a step's time, and every rank must plan the same split (else their
-        # collectives mismatch): all ranks agree on the per-variant maximum
+                    samples[name].append(result)
+        keys = [(name, q) for name in variants for q in samples[name][0]]
+        local = torch.tensor([min(s[q] for s in samples[name]) for name, q in keys], dtype=torch.float64)
         comm.all_reduce_(local, group, op="max")
-        return dict(zip(variants, local.tolist(), strict=True))
+        out: dict[str, dict[str, float]] = {name: {} for name in variants}
+        for (name, q), v in zip(keys, local.tolist(), strict=True):
+            out[name][q] = v
+        return out
 
-    def compute(lo: int, hi: int) -> Callable[[], Any]:
-        return lambda: [b.partial(x[lo:hi]) for b in blocks]
-
-    def collectives(n: int, kind: str = "allreduce") -> Callable[[], Any]:
-        """``layers`` times the block's collective(s) on ``n`` tokens (the profile is calibrated on
-        all-reduces; ``kind="reduce_scatter"`` times the reduce-scatter + all-gather pair)."""
-        buf = torch.randn(n, hidden)
-        if kind == "allreduce":
-            return lambda: [comm.all_reduce_(buf, group) for _ in range(layers)]
-        return lambda: [comm.all_gather_uneven(comm.reduce_scatter_uneven(buf, group), group,
-                                               sizes=comm.shard_sizes(n, world)) for _ in range(layers)]
-
-    half = tokens // 2
-    out: dict[str, Any] = {"world": world, "mode": mode, "tokens": tokens, "hidden": hidden, "layers": layers}
-    with torch.no_grad():
-        cal = rounds({"c_half": compute(0, half), "c_full": compute(0, tokens),
-                      "m_half": collectives(half), "m_full": collectives(tokens)}, cfg["iters"])
-        profile = DeviceProfile.calibrate(
-            compute=[(half, cal["c_half"] / layers), (tokens, cal["c_full"] / layers)],
-            comm=[(n * hidden * 4, cal[k] / layers) for n, k in ((half, "m_half"), (tokens, "m_full"))],
-            flops_per_token=16 * hidden * hidden / world, tile_tokens=16)
-        plan = plan_token_split(tokens, hidden, world, device_profile=profile, num_layers=layers,
-                                dtype=torch.float32, mode=mode)
-        unsplit = TokenWeaver(blocks, group, None, mode=mode)
-        weaved_half = TokenWeaver(blocks, group, TokenSplitPlan(num_tokens=tokens, first=half), mode=mode)
-        weaved_plan = TokenWeaver(blocks, group, plan, mode=mode)
-        main = rounds({
-            "compute_s": compute(0, tokens),
-            "compute_split_s": lambda: (compute(0, half)(), compute(half, tokens)()),
-            "comm_s": collectives(tokens, mode),
-            "unsplit_s": lambda: unsplit(x, residual),
-            "weaved_half_s": lambda: weaved_half(x, residual),
-            "weaved_plan_s": lambda: weaved_plan(x, residual),
-        }, cfg["iters"])
-    out.update(main)
-    out["plan"] = {"first": plan.first, "second": plan.second, "reason": plan.reason,
-                   "predicted_unsplit_s": plan.predicted_unsplit_s, "predicted_split_s": plan.predicted_split_s}
-    out["profile"] = {f: getattr(profile, f) for f in ("flops_per_s", "compute_latency_s", "comm_latency_s",
-                                                       "comm_bytes_per_s")}
-    return out
+    # 1. host work alone (no link time) at three sizes: the planner's compute model
+    sizes = sorted({tokens // 3, tokens // 2, tokens})
+    cal = rounds({str(n): step(weaver(None, with_link=False), n) for n in sizes})
+    profile = DeviceProfile.calibrate(
+        compute=[(n, cal[str(n)]["fwd"] / layers) for n in sizes],
+        comm=[(b, cfg["link_latency_s"] + b / link.all_reduce_bytes_per_s(world)) for b in (1e3, 1e6)],
+        flops_per_token=16 * hidden * hidden / world, tile_tokens=cfg["tile"],
+        backward_compute_ratio=cal[str(tokens)]["bwd"] / cal[str(tokens)]["fwd"])
+    plan_args = dict(device_profile=profile, num_layers=layers, dtype=torch.float32, mode=mode, training=True,
+                     normed_grad="partial")
+    plan = plan_token_split(tokens, hidden, world, max_chunks=3, **plan_args)  # type: ignore[arg-type]
+    if not plan.split:  # measure a split anyway (halves; thirds in reduce_scatter mode): the table says why
+        chunks = comm.shard_sizes(tokens, 2 if mode == "allreduce" else 3)
+        plan = TokenSplitPlan(num_tokens=tokens, first=chunks[0], chunks=tuple(chunks) if len(chunks) > 2 else (),
+                              reason=f"planner declined ({plan.reason}); {'+'.join(map(str, chunks))} measured")
+    # 2. the four variants
+    m = rounds({
+        "compute": step(weaver(None, with_link=False), tokens),
+        "compute_split": step(weaver(plan, with_link=False), tokens),
+        "unsplit": step(weaver(None, with_link=True), tokens),
+        "woven": step(weaver(plan, with_link=True), tokens),
+    })
+    row: dict[str, Any] = {"mode": mode, "world": world, "tokens": tokens, "hidden": hidden, "layers": layers,
+                           "link_latency_s": cfg["link_latency_s"], "link_bytes_per_s": cfg["link_bytes_per_s"]}
+    for ph in PHASES:
+        compute, compute_split = m["compute"][ph], m["compute_split"][ph]
+        comm_unsplit, comm_split = m["unsplit"][f"{ph}_link"], m["woven"][f"{ph}_link"]
+        hidden_s = compute_split + comm_split - m["woven"][ph]
+        row[ph] = {"compute_s": compute, "compute_split_s": compute_split, "comm_s": comm_unsplit,
+                   "comm_split_s": comm_split, "unsplit_s": m["unsplit"][ph], "woven_s": m["woven"][ph],
+                   "hidden_s": hidden_s, "efficiency": hidden_s / min(compute_split, comm_split),
+                   "split_overhead": compute_split / compute - 1.0}
+    chunks = list(plan.halves)
+    predict = {k: v for k, v in plan_args.items() if k != "dtype"}
+    fpt = 16 * hidden * hidden / world
+    row["plan"] = {"chunks": chunks, "reason": plan.reason,
+                   "predicted_unsplit_s": predict_step_s([tokens], hidden, world, flops_per_token=fpt,
+                                                         itemsize=4, **predict),  # type: ignore[arg-type]
+                   "predicted_split_s": predict_step_s(chunks, hidden, world, flops_per_token=fpt,
+                                                       itemsize=4, **predict),  # type: ignore[arg-type]
+                   "measured_unsplit_s": m["unsplit"]["fwd"] + m["unsplit"]["bwd"],
+                   "measured_split_s": m["woven"]["fwd"] + m["woven"]["bwd"]}
+    row["profile"] = {f: getattr(profile, f) for f in ("flops_per_s", "compute_latency_s", "comm_latency_s",
+                                                       "comm_bytes_per_s", "backward_compute_ratio")}
+    return row
 
 
 def _cpu(args: argparse.Namespace) -> list[dict[str, Any]]:
     from distnorm.testing import spawn
 
     rows = []
-    for mode in args.modes:
-        for world in args.worlds:
-            cfg = {"tokens": args.tokens, "hidden": args.hidden, "layers": args.layers, "iters": args.iters,
-                   "mode": mode}
-            ranks = spawn(world, _cpu_rank, cfg, timeout=600)
-            row = dict(ranks[0])  # every rank holds the same (max over ranks) numbers
-            best = min(row["weaved_half_s"], row["weaved_plan_s"])
-            row["hidden_s"] = row["unsplit_s"] - best
-            row["overlap_efficiency"] = row["hidden_s"] / min(row["compute_s"], row["comm_s"])
-            row["split_overhead"] = row["compute_split_s"] / row["compute_s"]
-            rows.append(row)
-            print(f"  done: {mode} world {world}", file=sys.stderr)
+    for world in args.worlds:
+        cfg = {"tokens": args.tokens, "hidden": args.hidden, "layers": args.layers, "iters": args.iters,
+               "modes": args.modes, "tile": args.tile, "link_latency_s": args.link_latency_ms / 1e3,
+               "link_bytes_per_s": args.link_gbps * 1e9 / 8}
+        ranks = spawn(world, _cpu_rank, cfg, timeout=args.timeout)
+        rows += ranks[0]  # every rank holds the same (max over ranks) numbers
+        print(f"  done: world {world}", file=sys.stderr)
     return rows
 
 
@@ -261,15 +315,24 @@ def _ms(s: float) -> str:
 
 
 def _print_cpu(rows: list[dict[str, Any]]) -> None:
-    print("| mode | P | compute ms | comm ms | unsplit ms | weaved ½ ms | weaved plan ms (split) | hidden ms "
-          "| overlap eff. | split overhead | model unsplit / split ms |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| mode | P | phase | compute ms (split) | link ms (split) | unsplit ms | woven ms | hidden ms "
+          "| overlap eff. | split overhead |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        for ph in PHASES:
+            q = r[ph]
+            print(f"| {r['mode']} | {r['world']} | {ph} | {_ms(q['compute_s'])} ({_ms(q['compute_split_s']).strip()}) "
+                  f"| {_ms(q['comm_s'])} ({_ms(q['comm_split_s']).strip()}) | {_ms(q['unsplit_s'])} "
+                  f"| {_ms(q['woven_s'])} | {_ms(q['hidden_s'])} | {q['efficiency']:.0%} "
+                  f"| {q['split_overhead']:+.1%} |")
+    print()
+    print("| mode | P | chunks | training step, planner unsplit / split ms | measured unsplit / split ms |")
+    print("|---|---|---|---|---|")
     for r in rows:
         p = r["plan"]
-        print(f"| {r['mode']} | {r['world']} | {_ms(r['compute_s'])} | {_ms(r['comm_s'])} | {_ms(r['unsplit_s'])} "
-              f"| {_ms(r['weaved_half_s'])} | {_ms(r['weaved_plan_s'])} ({p['first']}+{p['second']}) "
-              f"| {_ms(r['hidden_s'])} | {r['overlap_efficiency']:.0%} | {r['split_overhead']:.3f} "
-              f"| {_ms(p['predicted_unsplit_s'])} / {_ms(p['predicted_split_s'])} |")
+        print(f"| {r['mode']} | {r['world']} | {'+'.join(map(str, p['chunks']))} "
+              f"| {_ms(p['predicted_unsplit_s'])} / {_ms(p['predicted_split_s'])} "
+              f"| {_ms(p['measured_unsplit_s'])} / {_ms(p['measured_split_s'])} |")
 
 
 def _print_gpu(rows: list[dict[str, Any]]) -> None:
@@ -291,49 +354,62 @@ def _plot(rows: list[dict[str, Any]], device: str, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [f"{r['mode']} P={r['world']}" if device == "cpu" else f"T={r['tokens']}" for r in rows]
-    weaved_key = "weaved_plan_s" if device == "cpu" else "weaved_s"
-    series = [("compute alone", "compute_s"), ("unsplit", "unsplit_s"), ("weaved", weaved_key)]
-    fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(rows), 3.2))
+    if device == "cpu":
+        labels = [f"{r['mode']}\nP={r['world']} {ph}" for r in rows for ph in PHASES]
+        cols = [r[ph] for r in rows for ph in PHASES]
+        series = [("compute alone", "compute_s"), ("unsplit + link", "unsplit_s"), ("woven + link", "woven_s")]
+    else:
+        labels, cols = [f"T={r['tokens']}" for r in rows], rows
+        series = [("compute alone", "compute_s"), ("unsplit", "unsplit_s"), ("weaved", "weaved_s")]
+    fig, ax = plt.subplots(figsize=(1.8 + 1.3 * len(cols), 3.4))
     width = 0.8 / len(series)
     for i, (name, key) in enumerate(series):
-        ax.bar([j + i * width for j in range(len(rows))], [r[key] * 1e3 for r in rows], width, label=name)
-        if i == 2:
-            for j, r in enumerate(rows):
-                ax.plot([j + i * width - width / 2, j + i * width + width / 2],
-                        [r["plan"]["predicted_split_s"] * 1e3] * 2, "k--", lw=1)
-    ax.set_xticks([j + width for j in range(len(rows))], labels)
-    ax.set_ylabel("ms per step (dashes: model)")
-    ax.set_title(f"TokenWeaver on {device}")
+        ax.bar([j + i * width for j in range(len(cols))], [c[key] * 1e3 for c in cols], width, label=name)
+    if device == "cuda":
+        for j, r in enumerate(rows):
+            ax.plot([j + 2 * width - width / 2, j + 2 * width + width / 2],
+                    [r["plan"]["predicted_split_s"] * 1e3] * 2, "k--", lw=1)
+    ax.set_xticks([j + width for j in range(len(cols))], labels, fontsize=7)
+    ax.set_ylabel("ms" + (" (dashes: model)" if device == "cuda" else ""))
+    ax.set_title(f"TokenWeaver on {device}" + (" through a modelled link" if device == "cpu" else ""))
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--worlds", type=int, nargs="+", default=[2, 4])
     ap.add_argument("--modes", nargs="+", default=["allreduce", "reduce_scatter"])
     ap.add_argument("--tokens", type=int, default=512)
     ap.add_argument("--hidden", type=int, default=256)
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--tile", type=int, default=16, help="the planner's token alignment (CPU)")
+    ap.add_argument("--link-latency-ms", type=float, default=1.0, help="modelled link: latency per collective (CPU)")
+    ap.add_argument("--link-gbps", type=float, default=2.0, help="modelled link: bus bandwidth, Gbit/s (CPU)")
+    ap.add_argument("--timeout", type=float, default=1200.0, help="per world, seconds (CPU)")
+    ap.add_argument("--quick", action="store_true", help="CI smoke: P = 2, tiny shapes, one round")
+    ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--gpu-tokens", type=int, nargs="+", default=[1024, 4096, 8192])
     ap.add_argument("--gpu-hidden", type=int, default=8192)
     args = ap.parse_args()
+    if args.quick:
+        args.worlds, args.tokens, args.hidden, args.layers, args.iters = [2], 64, 32, 2, 1
+        args.link_latency_ms, args.timeout = 0.2, 300.0
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("bench_overlap: --device cuda needs a CUDA GPU (torch.cuda.is_available() is False)")
     t0 = time.time()
     rows = _cpu(args) if args.device == "cpu" else _gpu(args)
     (_print_cpu if args.device == "cpu" else _print_gpu)(rows)
-    OUT.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
     meta = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": platform.platform(), "cpus": os.cpu_count(),
             "torch": torch.__version__, "argv": sys.argv, "wall_s": time.time() - t0,
             "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None}
-    path = OUT / f"bench_overlap_{args.device}.json"
+    path = args.out / f"bench_overlap_{args.device}.json"
     path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2, default=str))
-    _plot(rows, args.device, OUT / f"bench_overlap_{args.device}.png")
+    _plot(rows, args.device, args.out / f"bench_overlap_{args.device}.png")
     print(f"wrote {path} and .png ({meta['wall_s']:.0f} s)")
 
 

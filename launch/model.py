@@ -17,8 +17,10 @@ Choices (nanochat-style, one place to read them):
   Mix-LN: Post-LN for the first ``mix_ratio`` of the layers, Pre-LN after), and LayerNorm
   Scaling (``output_scale = 1/sqrt(layer)`` on each layer's input norms).
 * ``overlap``: each "row-parallel reduce-scatter + residual add + RMSNorm + all-gather" becomes one
-  ``distnorm.overlap.fused_allreduce_rms_norm(mode="reduce_scatter")`` (Pre-RMSNorm only), the
-  next column linear consuming its replicated output directly.
+  ``distnorm.overlap.fused_allreduce_rms_norm(mode="reduce_scatter", normed_grad="partial")``
+  (Pre-RMSNorm only), the next column linear consuming its replicated output directly and handing
+  back its partial gradient: per sublayer the backward moves the forward's bytes (1 reduce-scatter
+  + 1 all-gather), as the sequence-parallel path does.
 * Every weight is drawn from one seeded ``torch.Generator`` as a *full* tensor and sliced, so a
   model starts identical for every TP degree and launcher.
 """
@@ -202,8 +204,9 @@ class Block(nn.Module):
     # --- overlap path: the row-parallel outputs stay partial sums for fused_allreduce_rms_norm ----
     @staticmethod
     def _column_replicated(layer: ColumnParallelLinear, h: torch.Tensor) -> torch.Tensor:
-        """The column linear on a replicated full input (the fused op's ``normed``): no all-gather."""
-        return F.linear(comm.copy_to_group(h, layer.group), layer.weight, layer.bias)
+        """The column linear on a replicated full input (the fused op's ``normed``): no all-gather,
+        and ``h``'s gradient stays this rank's part (the fused op's ``normed_grad="partial"``)."""
+        return F.linear(h, layer.weight, layer.bias)
 
     @staticmethod
     def _row_partial(layer: RowParallelLinear, x: torch.Tensor, residual_shard: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -278,24 +281,25 @@ class GPT(nn.Module):
 
     def _weave(self, r_shard: torch.Tensor, batch: int, seq: int) -> torch.Tensor:
         """Pre-RMSNorm blocks with every "reduce-scatter + residual add + RMSNorm + all-gather" fused
-        (``fused_allreduce_rms_norm(mode="reduce_scatter")``, TokenWeave's op). Returns the final
-        normed activations of this rank's tokens ``[n_local, d]``."""
+        (``fused_allreduce_rms_norm(mode="reduce_scatter", normed_grad="partial")``, TokenWeave's
+        op with the minimum-byte backward). Returns the final normed activations of this rank's
+        tokens ``[n_local, d]``."""
         from distnorm.overlap import fused_allreduce_rms_norm
 
         group, n = self.tp_group, batch * seq
         h = self.blocks[0].norm1(r_shard)  # the first norm has no preceding row-parallel output
         norms_after = [b.norm2 for b in self.blocks]
         norms_next = [b.norm1 for b in self.blocks[1:]] + [self.norm_f]
+        fused = functools.partial(fused_allreduce_rms_norm, group=group, mode="reduce_scatter", normed_grad="partial")
         for i, block in enumerate(self.blocks):
             partial, r_shard = block.attention_partial(h, r_shard, batch, seq, replicated=i > 0)
-            h, r_shard = fused_allreduce_rms_norm(partial, r_shard, norms_after[i].weight, norms_after[i].eps,
-                                                  group=group, mode="reduce_scatter")
+            h, r_shard = fused(partial, r_shard, norms_after[i].weight, norms_after[i].eps)
             partial, r_shard = block.mlp_partial(h, r_shard)
-            h, r_shard = fused_allreduce_rms_norm(partial, r_shard, norms_next[i].weight, norms_next[i].eps,
-                                                  group=group, mode="reduce_scatter")
-        # h is replicated (all tokens): keep this rank's tokens; copy_to_group hands back the full gradient
+            h, r_shard = fused(partial, r_shard, norms_next[i].weight, norms_next[i].eps)
+        # h is replicated (all tokens): keep this rank's tokens, whose gradient is this rank's part
+        # of h's (zero elsewhere): the fused op's backward reduce-scatter sums the parts
         r = group_rank(group)
-        return comm.copy_to_group(h, group).narrow(0, shard_offsets(n, group_size(group))[r], r_shard.shape[0])
+        return h.narrow(0, shard_offsets(n, group_size(group))[r], r_shard.shape[0])
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         batch, seq = idx.shape

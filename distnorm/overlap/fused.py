@@ -13,10 +13,21 @@ does those three steps as one op, in two modes:
 Tokens are dim 0 of ``[tokens, hidden]``; shards follow ``shard_sizes(tokens, P)`` (a rank with 0
 tokens still joins every collective).
 
-Gradient semantics (both modes): ``normed`` is *replicated* (every rank holds the same full
-tensor and the consumer, e.g. a ``ColumnParallelLinear`` with ``copy_to_group``, hands back the
-full gradient), ``partial`` is a partial sum (its gradient is the gradient of the sum), ``weight``
-is replicated. So the two modes are interchangeable in front of the same blocks.
+Gradient semantics: ``partial`` is a partial sum (its gradient is the gradient of the sum, the
+same on every rank), ``weight`` is replicated, and ``normed`` -- every rank holds the same full
+tensor -- gets back from its consumer, by ``normed_grad``:
+
+* ``"replicated"`` (default): the full gradient, the same on every rank (the consumer reduced it
+  already, e.g. a ``ColumnParallelLinear`` whose ``copy_to_group`` all-reduces its input's
+  gradient). Backward: allreduce mode none; reduce_scatter mode this rank's rows of it, the norm
+  backward, 1 all-gather.
+* ``"partial"``: this rank's partial gradient, the true one being the sum over ranks (the consumer
+  did not reduce, e.g. a column-parallel linear without ``copy_to_group``: Megatron's sequence
+  parallelism, all-gather forward <-> reduce-scatter backward). Backward: allreduce mode 1
+  all-reduce of it (the consumer's all-reduce, moved here); reduce_scatter mode 1 reduce-scatter
+  of it, the norm backward on this rank's tokens, 1 all-gather: the forward's bytes, the minimum.
+
+Either way the two modes are interchangeable in front of the same blocks.
 
 Backends: ``"torch"`` (reference: blocking collectives, unfused torch ops), ``"gloo"`` /
 ``"nccl"`` (the group's own backend: collectives through :mod:`distnorm.comm`, fused local
@@ -45,6 +56,7 @@ from distnorm.comm import Group, PendingCollective, group_rank, group_size, shar
 __all__ = [
     "BACKENDS",
     "MODES",
+    "NORMED_GRADS",
     "CollectiveLauncher",
     "FusedNormCall",
     "add_rms_norm",
@@ -54,8 +66,10 @@ __all__ = [
 
 Mode = Literal["allreduce", "reduce_scatter"]
 Backend = Literal["auto", "torch", "gloo", "nccl", "symm_mem"]
+NormedGrad = Literal["replicated", "partial"]
 MODES: tuple[str, ...] = ("allreduce", "reduce_scatter")
 BACKENDS: tuple[str, ...] = ("auto", "torch", "gloo", "nccl", "symm_mem")
+NORMED_GRADS: tuple[str, ...] = ("replicated", "partial")
 
 
 # --------------------------------------------------------------------------------------------
@@ -282,79 +296,149 @@ def _symm_mem_enabled(group: Group) -> bool:
 # Autograd: finishing an issued collective
 # --------------------------------------------------------------------------------------------
 
+GradRule = Literal["identity", "all_gather", "narrow", "reduce_scatter"]
+
 
 class _FinishCollectiveFn(torch.autograd.Function):
     """Forward: wait for the collective issued on ``x`` and return its result.
 
-    Backward: the conjugate collective, blocking: all-reduce -> identity (``x`` is a partial sum,
-    the result replicated); reduce-scatter -> all-gather; all-gather of a replicated result ->
-    this rank's slice of the (already full) gradient.
+    Backward: ``grad_rule`` names what the incoming gradient needs, run blocking:
+    ``"identity"`` (all-reduce of a partial sum: the replicated result's gradient is every
+    summand's); ``"all_gather"`` (the conjugate of a reduce-scatter); ``"narrow"`` (all-gather of a
+    replicated result: this rank's rows of the full gradient, no collective); ``"reduce_scatter"``
+    (all-gather whose consumers hand back partial gradients: sum them, keep this rank's rows).
     """
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, pending: PendingCollective, kind: str, group: Group,
+    def forward(ctx: Any, x: torch.Tensor, pending: PendingCollective, grad_rule: GradRule, group: Group,
                 sizes: list[int] | None) -> torch.Tensor:
-        ctx.kind, ctx.group, ctx.sizes = kind, group, sizes
+        ctx.grad_rule, ctx.group, ctx.sizes = grad_rule, group, sizes
         result = pending.wait()
         return x.view_as(x) if result is x else result
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None, None]:
-        if ctx.kind == "all_reduce":
+        if ctx.grad_rule == "identity":
             dx = grad
-        elif ctx.kind == "reduce_scatter":
+        elif ctx.grad_rule == "all_gather":
             dx = comm.all_gather_uneven(grad.contiguous(), ctx.group, sizes=ctx.sizes)
+        elif ctx.grad_rule == "reduce_scatter":
+            dx = comm.reduce_scatter_uneven(grad.contiguous(), ctx.group, sizes=ctx.sizes)
         else:
             rank = group_rank(ctx.group) if len(ctx.sizes) > 1 else 0
             dx = grad.narrow(0, sum(ctx.sizes[:rank]), ctx.sizes[rank]).contiguous()
         return dx, None, None, None, None
 
 
-def _finish(x: torch.Tensor, pending: PendingCollective, kind: str, group: Group,
+def _finish(x: torch.Tensor, pending: PendingCollective, grad_rule: GradRule, group: Group,
             sizes: list[int] | None) -> torch.Tensor:
-    return _FinishCollectiveFn.apply(x, pending, kind, group, sizes)
+    return _FinishCollectiveFn.apply(x, pending, grad_rule, group, sizes)
+
+
+def leaf(t: torch.Tensor) -> torch.Tensor:
+    """A fresh autograd leaf holding ``t``'s values: where a recorded piece of graph starts."""
+    return t.detach().requires_grad_(t.is_floating_point())
+
+
+def norm_weight(weight: torch.Tensor | None, group: Group, mode: str, *, record: bool = False) -> torch.Tensor | None:
+    """The norm weight as the fused op uses it: upcast to float32 (float64 for float64) once, so
+    every token's gradient contribution adds up in that precision and is rounded to the weight's
+    dtype once. In reduce_scatter mode each rank normalises 1/P of the tokens, so the replicated
+    weight's gradient is summed over ``group`` (``copy_to_group``: bwd 1 all-reduce of ``H``
+    numbers). ``record``: a leaf instead (TokenWeaver's woven backward reduces it itself)."""
+    if weight is None:
+        return None
+    if record:
+        return weight.detach().to(_compute_dtype(weight.dtype)).requires_grad_(weight.requires_grad)
+    weight = weight.to(_compute_dtype(weight.dtype))
+    return comm.copy_to_group(weight, group) if mode == "reduce_scatter" else weight
 
 
 # --------------------------------------------------------------------------------------------
-# One fused call, split into issue / finish so that TokenWeaver can interleave two of them
+# One fused call, in stages, so that TokenWeaver can interleave several
 # --------------------------------------------------------------------------------------------
 
 
 class FusedNormCall:
-    """One ``fused_allreduce_rms_norm`` in flight: the constructor issues the first collective,
-    :meth:`finish` waits, normalises (and, in reduce_scatter mode, all-gathers) and returns
-    ``(normed, residual_out)``. Inputs are validated by the caller.
+    """One ``fused_allreduce_rms_norm`` in stages (inputs validated by the caller):
+
+    ``issue()`` starts the all-reduce / reduce-scatter of ``partial``; ``wait()`` waits for it;
+    ``norm()`` runs the local add + RMSNorm and returns ``residual_out``; ``issue_gather()``
+    starts the all-gather of the normed shard (reduce_scatter mode); ``finish()`` returns
+    ``normed``. ``launcher`` None: the local op, every collective stage a no-op.
+
+    ``sizes``: the per-rank token counts of the reduce-scatter / all-gather (default
+    ``shard_sizes(tokens, P)``). ``normed_grad``: what ``normed``'s consumer hands back (see
+    :func:`fused_allreduce_rms_norm`). ``weight``: as :func:`norm_weight` prepared it.
+
+    ``record=True`` (TokenWeaver's woven backward): no autograd edge crosses a collective. The
+    summed ``partial`` (``self.h``) and ``residual`` are fresh leaves, ``normed`` comes back
+    detached, and the caller takes the gradients of ``(self.y, self.residual_out)`` piece by
+    piece, issuing the backward collectives itself.
     """
 
     def __init__(self, partial: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None, eps: float,
-                 *, group: Group, mode: str, launcher: CollectiveLauncher | None, unfused: bool = False) -> None:
-        self.residual, self.weight, self.eps, self.group, self.mode = residual, weight, eps, group, mode
+                 *, group: Group, mode: str, launcher: CollectiveLauncher | None, normed_grad: str = "replicated",
+                 sizes: list[int] | None = None, unfused: bool = False, record: bool = False) -> None:
+        self.partial, self.weight, self.eps, self.group, self.mode = partial, weight, eps, group, mode
+        self.residual = leaf(residual) if record else residual
+        self.launcher, self.normed_grad, self.record = launcher, normed_grad, record
         self.local_op = _add_rms_norm_unfused if unfused else _add_rms_norm_local
-        self.launcher = launcher
-        self.partial = partial
-        if launcher is None:  # local path: no collective
-            return
-        self.sizes = shard_sizes(partial.shape[0], launcher.world)
-        if mode == "allreduce":
-            self.pending = launcher.all_reduce(partial.detach())
-        else:
-            self.pending = launcher.reduce_scatter(partial.detach(), self.sizes)
+        self.sizes = sizes if sizes is not None or launcher is None else shard_sizes(partial.shape[0], launcher.world)
+        self.pending: PendingCollective | None = None
+        self.gathered: PendingCollective | None = None
+        self.normed: torch.Tensor | None = None
 
-    def finish(self) -> tuple[torch.Tensor, torch.Tensor]:
+    @property
+    def scattered(self) -> bool:
+        """True when the norm runs on this rank's token shard (reduce_scatter mode with a launcher)."""
+        return self.mode == "reduce_scatter" and self.launcher is not None
+
+    def issue(self) -> None:
         if self.launcher is None:
-            return self.local_op(self.partial, self.residual, self.weight, self.eps)
+            return
         if self.mode == "allreduce":
-            h = _finish(self.partial, self.pending, "all_reduce", self.group, None)
-            return self.local_op(h, self.residual, self.weight, self.eps)
-        h_shard = _finish(self.partial, self.pending, "reduce_scatter", self.group, self.sizes)
-        # the shard's tokens are 1/P of the batch: the replicated weight's gradient is summed over
-        # the group, in float32 (one rounding to the weight's dtype, after the sum)
-        weight = self.weight
-        if weight is not None:
-            weight = comm.copy_to_group(weight.to(_compute_dtype(weight.dtype)), self.group)
-        y_shard, residual_out = self.local_op(h_shard, self.residual, weight, self.eps)
-        gathered = self.launcher.all_gather(y_shard.detach(), self.sizes)
-        return _finish(y_shard, gathered, "all_gather", self.group, self.sizes), residual_out
+            self.pending = self.launcher.all_reduce(self.partial.detach())
+        else:
+            self.pending = self.launcher.reduce_scatter(self.partial.detach(), self.sizes)  # type: ignore[arg-type]
+
+    def wait(self) -> None:
+        if self.pending is not None:
+            self.pending.wait()
+
+    def norm(self) -> torch.Tensor:
+        # the handle is dropped once received (a recorded call lives until the backward)
+        pending, self.pending = self.pending, None
+        if pending is None:  # local path
+            h = leaf(self.partial) if self.record else self.partial
+        elif self.record:
+            h = leaf(pending.wait())
+        else:
+            h = _finish(self.partial, pending, "identity" if self.mode == "allreduce" else "all_gather",
+                        self.group, self.sizes)
+        self.h = h
+        self.y, self.residual_out = self.local_op(h, self.residual, self.weight, self.eps)
+        return self.residual_out
+
+    def issue_gather(self) -> None:
+        if self.scattered:
+            self.gathered = self.launcher.all_gather(self.y.detach(), self.sizes)  # type: ignore[union-attr, arg-type]
+
+    def finish(self) -> torch.Tensor:
+        if self.normed is None:
+            self.normed = self._finish()
+        return self.normed
+
+    def _finish(self) -> torch.Tensor:
+        gathered, self.gathered = self.gathered, None  # its receive buffers go with it
+        if gathered is not None:
+            if self.record:
+                return gathered.wait()
+            rule: GradRule = "reduce_scatter" if self.normed_grad == "partial" else "narrow"
+            return _finish(self.y, gathered, rule, self.group, self.sizes)
+        if self.record:
+            return self.y.detach()
+        return comm.copy_to_group(self.y, self.group) if self.normed_grad == "partial" else self.y
 
 
 # --------------------------------------------------------------------------------------------
@@ -366,14 +450,21 @@ def _where(group: Group) -> str:
     return f"rank {group_rank(group)} of {group_size(group)}"
 
 
+def check_options(mode: str, backend: str, normed_grad: str, *, group: Group, fn: str) -> None:
+    """ValueError naming the first of ``mode``, ``backend``, ``normed_grad`` that is not a choice."""
+    where = _where(group)
+    for name, value, choices in (("mode", mode, MODES), ("backend", backend, BACKENDS),
+                                 ("normed_grad", normed_grad, NORMED_GRADS)):
+        if value not in choices:
+            raise ValueError(f"{fn}: {name} must be one of {choices}, got {value!r} ({where})")
+
+
 def check_fused_inputs(partial: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None, eps: float,
-                       *, group: Group, mode: str, backend: str, fn: str = "fused_allreduce_rms_norm") -> None:
+                       *, group: Group, mode: str, backend: str, normed_grad: str = "replicated",
+                       fn: str = "fused_allreduce_rms_norm") -> None:
     """Raise ValueError/TypeError naming the argument, value, expectation and rank."""
     where = _where(group)
-    if mode not in MODES:
-        raise ValueError(f"{fn}: mode must be one of {MODES}, got {mode!r} ({where})")
-    if backend not in BACKENDS:
-        raise ValueError(f"{fn}: backend must be one of {BACKENDS}, got {backend!r} ({where})")
+    check_options(mode, backend, normed_grad, group=group, fn=fn)
     if not isinstance(partial, torch.Tensor) or partial.dim() != 2:
         shape = tuple(partial.shape) if isinstance(partial, torch.Tensor) else type(partial).__name__
         raise ValueError(f"{fn}: partial must be a 2-D [tokens, hidden] tensor, got {shape} ({where})")
@@ -444,29 +535,44 @@ def fused_allreduce_rms_norm(
     group: Group,
     mode: Mode = "allreduce",
     backend: Backend = "auto",
+    normed_grad: NormedGrad = "replicated",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum the row-parallel ``partial`` over ``group``, add ``residual``, RMSNorm.
 
-    Shapes (T tokens, H hidden, P ranks, ``T_r = shard_sizes(T, P)[rank]``):
+    Shapes (T tokens, H hidden, P ranks, ``T_r = shard_sizes(T, P)[rank]``, b = itemsize):
 
     * ``mode="allreduce"``: ``partial [T, H]``, ``residual [T, H]`` -> ``normed [T, H]``,
       ``residual_out [T, H]``. Collectives (P > 1): fwd 1 all-reduce of ``T*H`` elements
-      (``H * itemsize`` bytes/token); bwd none.
+      (``H*b`` bytes/token). bwd: ``normed_grad="replicated"`` none; ``"partial"`` 1 all-reduce
+      of ``normed``'s gradient (``H*b`` bytes/token, the forward's).
     * ``mode="reduce_scatter"``: ``partial [T, H]``, ``residual [T_r, H]`` -> ``normed [T, H]``,
       ``residual_out [T_r, H]``. Collectives (P > 1): fwd 1 reduce-scatter + 1 all-gather
-      (each ``H * itemsize`` bytes/token, padded to ``max(T_r)`` rows per rank); bwd 1 all-gather
-      (grad of ``partial``) + 1 all-reduce of ``H`` float32 (float64 for float64 weights) numbers
-      (weight grad: the norm saw 1/P of the tokens).
+      (each ``H*b`` bytes/token, padded to ``max(T_r)`` rows per rank). bwd:
+      ``"replicated"`` 1 all-gather (grad of ``partial``); ``"partial"`` 1 reduce-scatter
+      (``normed``'s gradient) + 1 all-gather (grad of ``partial``): the forward's bytes. Both add
+      1 all-reduce of ``H`` float32 (float64 for float64 weights) numbers for the weight's
+      gradient (the norm saw 1/P of the tokens).
+
+    ``normed_grad``: what ``normed``'s consumer hands back -- ``"replicated"`` (the full gradient,
+    the same on every rank: the consumer all-reduced it) or ``"partial"`` (this rank's partial
+    gradient; the true one is the sum over ranks). ``"partial"`` with a consumer that all-reduces
+    counts the gradient P times; ``"replicated"`` with one that does not drops the other ranks'
+    parts: match the consumer (module docstring).
 
     ``group`` None or P == 1: no collectives, both modes are the local add+RMSNorm.
     ``weight [H]`` may be None (no affine). Statistics in float32 (float64 for float64 input);
-    outputs in ``partial.dtype``; the collectives move ``partial.dtype``. Autograd: ``normed``
-    is replicated, ``partial`` a partial sum, ``weight`` replicated (see the module docstring).
+    outputs in ``partial.dtype``; the collectives move ``partial.dtype``. ``partial``'s gradient
+    is the same on every rank (that of the sum); ``weight`` is replicated.
     Backends: ``"auto"``, ``"torch"``, ``"gloo"``, ``"nccl"``, ``"symm_mem"`` (module docstring).
     """
-    check_fused_inputs(partial, residual, weight, eps, group=group, mode=mode, backend=backend)
+    check_fused_inputs(partial, residual, weight, eps, group=group, mode=mode, backend=backend,
+                       normed_grad=normed_grad)
     launcher = make_launcher(group, backend, partial.device, async_op=False)
-    call = FusedNormCall(partial, residual, weight, float(eps), group=group, mode=mode, launcher=launcher,
-                         unfused=backend == "torch")
-    return call.finish()
-
+    # allreduce mode: the weight as given (every token is normalised here, its gradient complete)
+    w = norm_weight(weight, group, mode) if mode == "reduce_scatter" and launcher is not None else weight
+    call = FusedNormCall(partial, residual, w, float(eps), group=group, mode=mode, launcher=launcher,
+                         normed_grad=normed_grad, unfused=backend == "torch")
+    call.issue()
+    residual_out = call.norm()
+    call.issue_gather()
+    return call.finish(), residual_out

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Protocol, cast
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -27,17 +27,20 @@ from torch import nn
 from distnorm import comm
 from distnorm.comm import Group, PendingCollective, group_rank, group_size, shard_sizes
 from distnorm.overlap.fused import (
-    BACKENDS,
+    NORMED_GRADS,
     Backend,
-    FusedNormCall,
+    CollectiveLauncher,
     Mode,
-    _finish,
+    NormedGrad,
+    check_options,
     fused_allreduce_rms_norm,
     make_launcher,
 )
+from distnorm.overlap.schedule import Step, chain, replay
+from distnorm.overlap.weave import ChunkLayout, WeaveBlock, WeaveRun, woven
 from distnorm.tensor_parallel.linear import ColumnParallelLinear, RowParallelLinear
 
-__all__ = ["DeviceProfile", "ParallelMLPBlock", "TokenSplitPlan", "TokenWeaver", "plan_token_split"]
+__all__ = ["DeviceProfile", "ParallelMLPBlock", "TokenSplitPlan", "TokenWeaver", "WeaveBlock", "plan_token_split"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -68,6 +71,8 @@ class DeviceProfile:
     (beta). Reduce-scatter + all-gather move the same bytes at the same rate, with two latencies."""
     overlap_slowdown: float = 0.0
     """Fraction by which compute slows while a collective runs beside it (SM or core contention)."""
+    backward_compute_ratio: float = 2.0
+    """Backward compute of a block / its forward compute (a matmul's backward is two matmuls)."""
 
     def compute_s(self, tokens: int, flops_per_token: float) -> float:
         """Time to run one block on ``tokens`` tokens (0 for 0 tokens)."""
@@ -89,6 +94,7 @@ class DeviceProfile:
         flops_per_token: float,
         tile_tokens: int = 128,
         overlap_slowdown: float = 0.0,
+        backward_compute_ratio: float = 2.0,
     ) -> DeviceProfile:
         """Fit a profile to measurements.
 
@@ -101,7 +107,8 @@ class DeviceProfile:
         c_lat, c_slope = _fit_line(work, "compute")
         m_lat, m_slope = _fit_line(list(comm), "comm")
         return cls(flops_per_s=1.0 / c_slope, compute_latency_s=c_lat, tile_tokens=tile_tokens,
-                   comm_latency_s=m_lat, comm_bytes_per_s=1.0 / m_slope, overlap_slowdown=overlap_slowdown)
+                   comm_latency_s=m_lat, comm_bytes_per_s=1.0 / m_slope, overlap_slowdown=overlap_slowdown,
+                   backward_compute_ratio=backward_compute_ratio)
 
 
 def _fit_line(points: list[tuple[float, float]], name: str) -> tuple[float, float]:
@@ -123,7 +130,8 @@ def _fit_line(points: list[tuple[float, float]], name: str) -> tuple[float, floa
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class TokenSplitPlan:
-    """Where to split ``num_tokens`` tokens: half A = the first ``first`` tokens, half B the rest.
+    """Where to split ``num_tokens`` tokens: half A = the first ``first`` tokens, half B the rest;
+    or, with ``chunks``, that many chunks of those token counts (``chunks[0] == first``).
 
     ``first == num_tokens`` means no split. ``predicted_*_s`` are the cost model's step times for
     the whole stack (0.0 when the plan was written by hand), ``reason`` says why.
@@ -134,10 +142,17 @@ class TokenSplitPlan:
     reason: str = "given"
     predicted_unsplit_s: float = 0.0
     predicted_split_s: float = 0.0
+    chunks: tuple[int, ...] = ()
+    """Token counts of every chunk when there are three or more (empty: the halves ``first`` and
+    ``num_tokens - first``). Three let reduce_scatter mode hide both of a chunk's collectives."""
 
     def __post_init__(self) -> None:
         if not 0 < self.first <= self.num_tokens:
             raise ValueError(f"TokenSplitPlan: first must be in [1, num_tokens={self.num_tokens}], got {self.first}")
+        if self.chunks and (sum(self.chunks) != self.num_tokens or min(self.chunks) < 1
+                            or self.chunks[0] != self.first or len(self.chunks) < 2):
+            raise ValueError(f"TokenSplitPlan: chunks must be >= 2 positive token counts summing to num_tokens="
+                             f"{self.num_tokens}, the first equal to first={self.first}, got {self.chunks}")
 
     @property
     def split(self) -> bool:
@@ -145,10 +160,14 @@ class TokenSplitPlan:
 
     @property
     def second(self) -> int:
+        """Tokens after the first chunk (half B, or every later chunk)."""
         return self.num_tokens - self.first
 
     @property
     def halves(self) -> tuple[int, ...]:
+        """Token counts of the chunks, in order (one entry when unsplit)."""
+        if self.chunks:
+            return self.chunks
         return (self.first, self.second) if self.split else (self.num_tokens,)
 
     @classmethod
@@ -159,27 +178,49 @@ class TokenSplitPlan:
 def predict_step_s(
     halves: Sequence[int], hidden: int, world: int, *, device_profile: DeviceProfile,
     flops_per_token: float, num_layers: int, itemsize: int, mode: str,
+    training: bool = False, normed_grad: str = "replicated",
 ) -> float:
-    """Model step time of ``num_layers`` blocks run on ``halves`` (one or two token counts).
+    """Model step time of ``num_layers`` blocks run on ``halves`` (token counts of the chunks).
 
-    Two engines, each serial: compute runs ``C(n)`` per block and half, in program order
-    (A_i, B_i, A_{i+1}, ...); comm runs ``M(n)`` per block and half in issue order; a half's
-    compute waits for its previous collective, its collective for its compute. ``M(n)`` is 0
-    for ``world == 1``. With two halves compute is slowed by ``overlap_slowdown``.
+    Replays TokenWeaver's own schedule (:func:`distnorm.overlap.schedule.replay`) on two serial
+    engines: the host runs ``C(n)`` per block and chunk (``backward_compute_ratio * C(n)`` in the
+    backward; the add + RMSNorm is taken as free), a FIFO link runs the collectives -- an
+    all-reduce ``M(n) = comm_latency + n * hidden * itemsize / comm_bytes_per_s``, a
+    reduce-scatter or all-gather ``comm_latency`` + half those bytes' time (the two make one
+    all-reduce). A chunk's work waits for its last collective. ``training``: forward + backward;
+    the backward adds, per ``normed_grad``, the consumer's blocking all-reduce of ``x``'s
+    gradient (``"replicated"``) and, in reduce_scatter mode, the weight gradient's all-reduce
+    (``H`` float32, waited at the end). Collectives cost 0 for ``world == 1``; with more than one
+    chunk compute is slowed by ``overlap_slowdown``.
     """
     prof = device_profile
     slow = 1.0 + (prof.overlap_slowdown if len(halves) > 1 else 0.0)
-    n_coll = 1 if mode == "allreduce" else 2
-    comp = [prof.compute_s(n, flops_per_token) * slow for n in halves]
-    comm_t = [0.0 if world == 1 else prof.comm_s(n * hidden * itemsize, collectives=n_coll) for n in halves]
-    compute_free = comm_free = 0.0
-    ready = [0.0] * len(halves)
-    for _ in range(num_layers):
-        for h in range(len(halves)):
-            compute_free = max(compute_free, ready[h]) + comp[h]
-            comm_free = max(comm_free, compute_free) + comm_t[h]
-            ready[h] = comm_free
-    return max(ready)
+    comm_on = world > 1
+    ratio = {"compute": 1.0, "compute_bwd": prof.backward_compute_ratio}
+
+    def host_s(work: tuple[str, int], n: int) -> float:
+        return prof.compute_s(n, flops_per_token) * slow * ratio.get(work[0], 0.0)
+
+    def link_s(kind: str, n: int) -> float:
+        if not comm_on:
+            return 0.0
+        if kind == "all_reduce":
+            return prof.comm_s(n * hidden * itemsize)
+        return prof.comm_latency_s + n * hidden * itemsize / (2 * prof.comm_bytes_per_s)
+
+    def blocking_s(work: tuple[str, int], n: int) -> float:
+        replicated = work[0] == "compute_bwd" and normed_grad == "replicated"
+        return link_s("all_reduce", n) if replicated else 0.0
+
+    def weight_grad_s(step: Step) -> float:
+        norms = sum(1 for what, _ in step.work if what == "norm_bwd")
+        return norms * prof.comm_s(hidden * 4) if comm_on and mode == "reduce_scatter" else 0.0
+
+    total = replay(chain(mode, num_layers), halves, host_s=host_s, link_s=link_s)
+    if training:
+        total += replay(chain(mode, num_layers, backward=True, normed_grad=normed_grad), halves, host_s=host_s,
+                        link_s=link_s, blocking_s=blocking_s, round_link_s=weight_grad_s)
+    return total
 
 
 def plan_token_split(
@@ -193,24 +234,32 @@ def plan_token_split(
     dtype: torch.dtype = torch.bfloat16,
     mode: Mode = "allreduce",
     min_gain: float = 0.01,
+    training: bool = False,
+    normed_grad: NormedGrad = "replicated",
+    max_chunks: int = 2,
 ) -> TokenSplitPlan:
-    """Split ``num_tokens`` into two halves that balance compute against communication.
+    """Split ``num_tokens`` into two halves (or, with ``max_chunks=3``, up to three chunks) that
+    balance compute against communication.
 
-    Cost model (per block, per half of ``n`` tokens; see ``docs/overlap.md``):
+    Cost model (per block, per chunk of ``n`` tokens; see ``docs/overlap.md``):
 
     * compute ``C(n) = compute_latency + ceil(n / tile) * tile * flops_per_token / flops_per_s``
       (``flops_per_token`` defaults to a 4x MLP sharded over ``world``: ``16 * hidden**2 / world``);
     * communication ``M(n) = k * comm_latency + n * hidden * itemsize / comm_bytes_per_s``
       with ``k = 1`` (allreduce) or 2 (reduce_scatter + all-gather), 0 when ``world == 1``;
-    * the unsplit step is ``num_layers * (C(n) + M(n))``; a split step is the makespan of the
-      two-engine schedule A_i, B_i (:func:`predict_step_s`) whose steady state per block is
-      ``max(C(a) + C(b), M(a) + M(b), C(a) + M(a), C(b) + M(b))``: each half's critical path
-      and each engine's load.
+    * the unsplit step is ``num_layers * (C(n) + M(n))``; a split step is the makespan of
+      TokenWeaver's schedule replayed on a host and a FIFO link (:func:`predict_step_s`); in
+      allreduce mode its steady state per block is ``max(C(a) + C(b), M(a) + M(b), C(a) + M(a),
+      C(b) + M(b))``: each half's critical path and each engine's load. In reduce_scatter mode
+      the norm between a chunk's two collectives runs on the host, so with two halves only one of
+      them can hide behind the other half's compute; three chunks hide both.
+    * ``training``: the step is forward + backward (``normed_grad`` as the blocks use it).
 
-    Candidates for the first half are multiples of ``lcm(tile, world)`` (whole tiles, equal
-    shards in reduce_scatter mode) with at least that many tokens left for the second half; the
-    fastest wins if it beats the unsplit step by ``min_gain`` (relative), else no split. Batches
-    shorter than two aligned halves, and ``world == 1``, never split.
+    Candidates: the first half a multiple of ``lcm(tile, world)`` (whole tiles, equal shards in
+    reduce_scatter mode) with at least that many tokens left; with ``max_chunks=3`` also three
+    chunks ``(a, a, rest)``, ``a`` aligned, ``rest >= align``. The fastest wins if it beats the
+    unsplit step by ``min_gain`` (relative), else no split. Batches shorter than two aligned
+    halves, and ``world == 1``, never split.
 
     Returns a :class:`TokenSplitPlan` with the predicted times and the reason.
     """
@@ -220,10 +269,16 @@ def plan_token_split(
     if mode not in ("allreduce", "reduce_scatter"):
         raise ValueError(f"plan_token_split: mode must be 'allreduce' or 'reduce_scatter', got {mode!r} "
                          f"(rank {comm._global_rank()})")
+    if normed_grad not in NORMED_GRADS:
+        raise ValueError(f"plan_token_split: normed_grad must be one of {NORMED_GRADS}, got {normed_grad!r} "
+                         f"(rank {comm._global_rank()})")
+    if max_chunks not in (2, 3):
+        raise ValueError(f"plan_token_split: max_chunks must be 2 or 3, got {max_chunks!r} (rank {comm._global_rank()})")
     prof = DeviceProfile() if device_profile is None else device_profile
     fpt = 16.0 * hidden * hidden / world if flops_per_token is None else float(flops_per_token)
     model = dict(device_profile=prof, flops_per_token=fpt, num_layers=num_layers,
-                 itemsize=torch.empty((), dtype=dtype).element_size(), mode=mode)
+                 itemsize=torch.empty((), dtype=dtype).element_size(), mode=mode, training=training,
+                 normed_grad=normed_grad)
     unsplit = predict_step_s([num_tokens], hidden, world, **model)  # type: ignore[arg-type]
     plan = TokenSplitPlan(num_tokens=num_tokens, first=num_tokens, predicted_unsplit_s=unsplit,
                           predicted_split_s=unsplit, reason="")
@@ -232,30 +287,25 @@ def plan_token_split(
         return replace(plan, reason="world == 1: nothing to overlap")
     if num_tokens < 2 * align:
         return replace(plan, reason=f"{num_tokens} tokens < two aligned halves of lcm(tile, world) = {align}")
-    best_first, best = num_tokens, unsplit
-    for first in range(align, num_tokens - align + 1, align):
-        t = predict_step_s([first, num_tokens - first], hidden, world, **model)  # type: ignore[arg-type]
+    candidates: list[tuple[int, ...]] = [(a, num_tokens - a) for a in range(align, num_tokens - align + 1, align)]
+    if max_chunks == 3:
+        candidates += [(a, a, num_tokens - 2 * a) for a in range(align, (num_tokens - align) // 2 + 1, align)]
+    best_chunks: tuple[int, ...] = (num_tokens,)
+    best = unsplit
+    for chunks in candidates:
+        t = predict_step_s(chunks, hidden, world, **model)  # type: ignore[arg-type]
         if t < best:
-            best_first, best = first, t
+            best_chunks, best = chunks, t
     if best > unsplit * (1.0 - min_gain):
         return replace(plan, reason=f"best split saves {1 - best / unsplit:.1%} < min_gain {min_gain:.1%}")
-    return replace(plan, first=best_first, predicted_split_s=best,
-                   reason=f"split {best_first}+{num_tokens - best_first} saves {1 - best / unsplit:.1%}")
+    return replace(plan, first=best_chunks[0], chunks=best_chunks if len(best_chunks) > 2 else (),
+                   predicted_split_s=best,
+                   reason=f"split {'+'.join(map(str, best_chunks))} saves {1 - best / unsplit:.1%}")
 
 
 # --------------------------------------------------------------------------------------------
 # A tensor-parallel block, and the weaver
 # --------------------------------------------------------------------------------------------
-
-
-class WeaveBlock(Protocol):
-    """What :class:`TokenWeaver` needs of a block: ``partial(x) -> [T, H]`` row-parallel partial
-    sums (no collective in forward), and the RMSNorm that follows it (``norm_weight [H]``, ``eps``)."""
-
-    norm_weight: torch.Tensor | None
-    eps: float
-
-    def partial(self, x: torch.Tensor) -> torch.Tensor: ...
 
 
 class ParallelMLPBlock(nn.Module):
@@ -264,15 +314,22 @@ class ParallelMLPBlock(nn.Module):
 
     ``forward(x, residual)``: ``x [T, H]`` (normed, replicated), ``residual`` as
     :func:`fused_allreduce_rms_norm` wants it for ``mode`` -> ``(normed [T, H], residual_out)``.
-    Collectives (P > 1): those of the fused op, plus the column linear's bwd all-reduce of the
-    input gradient (``T*H`` elements). P == 1: none.
+    ``normed_grad``: the gradient convention of ``x`` and ``normed`` (see
+    :func:`fused_allreduce_rms_norm`): ``"replicated"`` -- the column linear all-reduces ``x``'s
+    gradient (bwd 1 all-reduce of ``T*H`` elements) -- or ``"partial"`` -- it does not, and the
+    fused op that produced ``x`` reduces it (the minimum bytes).
+    Collectives (P > 1): those of the fused op, the column linear's as just said, and (with a bias)
+    1 all-reduce of ``H`` numbers in bwd for the row linear's replicated bias. P == 1: none.
     """
 
     def __init__(self, hidden: int, ffn_hidden: int, *, group: Group = None, eps: float = 1e-6, bias: bool = True,
                  generator: torch.Generator | None = None, dtype: torch.dtype | None = None,
-                 device: torch.device | str | None = None) -> None:
+                 device: torch.device | str | None = None, normed_grad: NormedGrad = "replicated") -> None:
         super().__init__()
-        self.group, self.eps = group, eps
+        if normed_grad not in NORMED_GRADS:
+            raise ValueError(f"ParallelMLPBlock: normed_grad must be one of {NORMED_GRADS}, got {normed_grad!r} "
+                             f"(rank {group_rank(group)} of {group_size(group)})")
+        self.group, self.eps, self.normed_grad = group, eps, normed_grad
         self.fc1 = ColumnParallelLinear(hidden, ffn_hidden, bias, group=group, generator=generator, dtype=dtype,
                                         device=device)
         self.fc2 = RowParallelLinear(ffn_hidden, hidden, bias, group=group, reduce_output=False, generator=generator,
@@ -283,15 +340,17 @@ class ParallelMLPBlock(nn.Module):
         nn.init.ones_(self.norm_weight)
 
     def partial(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))
+        # "partial": this rank's column shard sees x as a local input; its gradient stays partial
+        h = self.fc1(x) if self.normed_grad == "replicated" else F.linear(x, self.fc1.weight, self.fc1.bias)
+        return self.fc2(F.gelu(h))
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor, *, mode: Mode = "allreduce",
                 backend: Backend = "auto") -> tuple[torch.Tensor, torch.Tensor]:
         return fused_allreduce_rms_norm(self.partial(x), residual, self.norm_weight, self.eps, group=self.group,
-                                        mode=mode, backend=backend)
+                                        mode=mode, backend=backend, normed_grad=self.normed_grad)
 
     def extra_repr(self) -> str:
-        return f"eps={self.eps}, group_size={group_size(self.group)}"
+        return f"eps={self.eps}, normed_grad={self.normed_grad!r}, group_size={group_size(self.group)}"
 
 
 class _StandInLauncher:
@@ -333,59 +392,76 @@ class _StandInLauncher:
 
 
 PlanArg = TokenSplitPlan | Callable[[int], TokenSplitPlan] | None
+LauncherWrapper = Callable[[CollectiveLauncher], CollectiveLauncher]
 
 
 class TokenWeaver(nn.Module):
     """Run a stack of TP blocks on two token halves, overlapping one half's collective with the
-    other half's compute.
+    other half's compute, in the forward and in the backward.
 
-    ``forward(x, residual)``: ``x [T, H]`` (the first block's normed input) and ``residual
-    [T, H]``, both replicated over ``group`` -> ``(normed [T, H], residual_out [T, H])``, equal to
-    running the blocks one after another on all tokens (``plan=None``) up to round-off.
+    ``forward(x, residual)``: ``x [T, H]`` (the first block's normed input, replicated over
+    ``group``) and ``residual`` as :func:`fused_allreduce_rms_norm` holds it for ``mode`` --
+    ``[T, H]`` (allreduce) or this rank's token shard ``[shard_sizes(T, P)[rank], H]``
+    (reduce_scatter) -> ``(normed [T, H], residual_out)`` laid out like ``residual``: equal, up to
+    round-off, to ``for b in blocks: x, residual = b(x, residual, mode=mode)`` (``plan=None``).
 
-    Schedule per block i (halves A, B; each ``finish`` waits for that half's collective and
-    applies the fused residual + RMSNorm)::
+    Schedule (:mod:`distnorm.overlap.schedule`): the halves take turns step by step -- wait for
+    the half's last collective, compute (``block.partial``) or normalise, issue the next
+    collective -- so each collective is in flight while the other half computes::
 
-        compute A_i | issue A_i | finish B_{i-1} | compute B_i | issue B_i | finish A_i
+        allreduce fwd  compute A_i | issue A_i | wait B_{i-1}, norm | compute B_i | issue B_i | wait A_i, norm
 
-    so B_i's compute runs while A_i's collective is in flight, and A_{i+1}'s while B_i's is. On
-    gloo/NCCL "issue" returns a work handle (NCCL runs on its own stream); the ``symm_mem``
-    backend and the benchmark ``stand_in`` use one side stream. No host syncs: capturable in a
-    CUDA graph on NCCL/symm_mem. Backward is the autograd of the same graph (correct, not
-    overlapped).
+    The backward is woven the same way (its collectives issued asynchronously, one half's in
+    flight during the other half's backward compute) whenever gradients are wanted and the code
+    is not being compiled (:mod:`distnorm.overlap.weave`); under ``torch.compile`` it is the
+    autograd of the forward graph (correct, collectives blocking). On gloo/NCCL "issue" returns a
+    work handle; ``symm_mem`` and ``stand_in`` use one side stream. No host syncs.
 
     ``plan``: a :class:`TokenSplitPlan` for ``T`` tokens, a callable ``T -> plan`` (e.g. a
-    ``functools.partial`` of :func:`plan_token_split`), or None (no split).
-    ``mode``/``backend``: as :func:`fused_allreduce_rms_norm`. In ``"reduce_scatter"`` mode the
-    residual stays token-sharded between blocks; it is sliced on entry (bwd: 1 all-gather per
-    half) and all-gathered on exit (fwd: 1 all-gather per half).
+    ``functools.partial`` of :func:`plan_token_split`), or None (no split). In reduce_scatter
+    mode a half is the same share of *every rank's* residual shard (``shard_sizes(first, P)``
+    rows of each), so no token changes rank.
+    ``mode``/``backend``/``normed_grad``: as :func:`fused_allreduce_rms_norm`; every block's
+    ``normed_grad`` attribute (default ``"replicated"``) must match ``normed_grad``: it is the
+    gradient its ``partial`` hands back for ``x``.
 
-    Collectives per forward (P > 1, h = number of halves, L blocks): allreduce mode ``h*L``
-    all-reduces; reduce_scatter mode ``h*L`` reduce-scatters and ``h*(L+1)`` all-gathers.
-    ``stand_in``: benchmarks only, with a group of one — every collective becomes ``stand_in(x)``
+    Collectives (P > 1, h halves, L blocks, per forward): allreduce mode ``h*L`` all-reduces;
+    reduce_scatter mode ``h*L`` reduce-scatters and ``h*L`` all-gathers. Backward, besides the
+    blocks' own: ``normed_grad="partial"`` the same kinds and counts again (allreduce) or ``h*L``
+    reduce-scatters + ``h*L`` all-gathers (reduce_scatter); ``"replicated"`` none (allreduce) or
+    ``h*L`` all-gathers (reduce_scatter); reduce_scatter mode adds ``L`` all-reduces of ``H``
+    float32 numbers (the norm weights' gradients, one per block for both halves).
+
+    ``wrap_launcher``: a function applied to the collective launcher (benchmarks and tests: e.g.
+    ``SimulatedLink(...).wrap`` makes every collective also take a modelled link's time).
+    ``stand_in``: benchmarks only, with a group of one -- every collective becomes ``stand_in(x)``
     on a side stream (e.g. a sleep kernel sized like the real all-reduce).
     """
 
     def __init__(self, blocks: Sequence[nn.Module], group: Group, plan: PlanArg = None, *,
-                 mode: Mode = "allreduce", backend: Backend = "auto",
-                 stand_in: Callable[[torch.Tensor], None] | None = None) -> None:
+                 mode: Mode = "allreduce", backend: Backend = "auto", normed_grad: NormedGrad = "replicated",
+                 stand_in: Callable[[torch.Tensor], None] | None = None,
+                 wrap_launcher: LauncherWrapper | None = None) -> None:
         super().__init__()
         where = f"rank {group_rank(group)} of {group_size(group)}"
         if len(blocks) == 0:
             raise ValueError(f"TokenWeaver: blocks must be a non-empty sequence, got {len(blocks)} blocks ({where})")
+        check_options(mode, backend, normed_grad, group=group, fn="TokenWeaver")
         for i, block in enumerate(blocks):
             if not callable(getattr(block, "partial", None)) or not hasattr(block, "norm_weight"):
                 raise TypeError(f"TokenWeaver: blocks[{i}] ({type(block).__name__}) must have partial(x) and "
                                 f"norm_weight, eps (see WeaveBlock) ({where})")
-        if mode not in ("allreduce", "reduce_scatter"):
-            raise ValueError(f"TokenWeaver: mode must be 'allreduce' or 'reduce_scatter', got {mode!r} ({where})")
-        if backend not in BACKENDS:
-            raise ValueError(f"TokenWeaver: backend must be one of {BACKENDS}, got {backend!r} ({where})")
+            block_grad = getattr(block, "normed_grad", "replicated")
+            if block_grad != normed_grad:
+                raise ValueError(f"TokenWeaver: blocks[{i}].normed_grad is {block_grad!r} but normed_grad="
+                                 f"{normed_grad!r}: the gradient a block hands back for x must be the one the weaver "
+                                 f"expects, else it is reduced twice or not at all ({where})")
         if stand_in is not None and group_size(group) > 1:
             raise ValueError(f"TokenWeaver: stand_in replaces the collective of a one-device benchmark; "
                              f"got a group of {group_size(group)} ranks ({where})")
         self.blocks = nn.ModuleList(blocks)
         self.group, self.plan, self.mode, self.backend, self.stand_in = group, plan, mode, backend, stand_in
+        self.normed_grad, self.wrap_launcher = normed_grad, wrap_launcher
 
     def _plan_for(self, num_tokens: int) -> TokenSplitPlan:
         plan = self.plan(num_tokens) if callable(self.plan) else self.plan
@@ -396,50 +472,41 @@ class TokenWeaver(nn.Module):
                              f"tokens (pass a callable plan for varying batches) (rank {group_rank(self.group)})")
         return plan
 
+    def _launcher(self, device: torch.device) -> CollectiveLauncher | None:
+        if self.stand_in is not None:
+            return _StandInLauncher(self.stand_in)
+        launcher = make_launcher(self.group, self.backend, device, async_op=True, fn="TokenWeaver")
+        return launcher if launcher is None or self.wrap_launcher is None else self.wrap_launcher(launcher)
+
     def forward(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         where = f"rank {group_rank(self.group)} of {group_size(self.group)}"
-        if x.dim() != 2 or residual.shape != x.shape:
-            raise ValueError(f"TokenWeaver: x and residual must both be [tokens, hidden] with the same shape (every "
-                             f"token, replicated), got {tuple(x.shape)} and {tuple(residual.shape)} ({where})")
+        if x.dim() != 2:
+            raise ValueError(f"TokenWeaver: x must be [tokens, hidden] (every token, replicated), got "
+                             f"{tuple(x.shape)} ({where})")
+        launcher = self._launcher(x.device)
+        world = 1 if launcher is None else launcher.world
+        rank = group_rank(self.group) if world > 1 else 0
+        tokens, hidden = x.shape
+        if self.mode == "allreduce":
+            expected, why = (tokens, hidden), "allreduce mode: every token, like x"
+        else:
+            expected = (shard_sizes(tokens, world)[rank], hidden)
+            why = f"reduce_scatter mode: this rank's token shard, shard_sizes({tokens}, {world})"
+        if tuple(residual.shape) != expected:
+            raise ValueError(f"TokenWeaver: residual must have shape {expected} ({why}), got "
+                             f"{tuple(residual.shape)} ({where})")
         if residual.dtype != x.dtype:
             raise TypeError(f"TokenWeaver: residual dtype must equal x's {x.dtype}, got {residual.dtype} ({where})")
-        plan = self._plan_for(x.shape[0])
-        launcher = (_StandInLauncher(self.stand_in) if self.stand_in is not None
-                    else make_launcher(self.group, self.backend, x.device, async_op=True, fn="TokenWeaver"))
-        world = 1 if launcher is None else launcher.world
-        rs = self.mode == "reduce_scatter"
-        xs = list(x.split(list(plan.halves), dim=0))
-        res = list(residual.split(list(plan.halves), dim=0))
-        if rs:  # keep this rank's token shard of each half's residual
-            res = [comm.scatter_along(r, self.group, sizes=shard_sizes(r.shape[0], world)) for r in res]
-        unfused = self.backend == "torch"
-        in_flight: list[FusedNormCall | None] = [None] * len(xs)
-        for block in cast(list[WeaveBlock], list(self.blocks)):
-            # upcast once per block: both halves' weight gradients then add up in float32 and are
-            # rounded to the weight's dtype once, as in the unsplit run
-            weight = block.norm_weight
-            weight = weight if weight is None else weight.to(torch.promote_types(weight.dtype, torch.float32))
-            for h in range(len(xs)):
-                call = FusedNormCall(block.partial(xs[h]), res[h], weight, block.eps, group=self.group,
-                                     mode=self.mode, launcher=launcher, unfused=unfused)
-                prev = (h - 1) % len(xs)
-                if in_flight[prev] is not None and prev != h:
-                    xs[prev], res[prev] = in_flight[prev].finish()  # type: ignore[union-attr]
-                    in_flight[prev] = None
-                in_flight[h] = call
-                if len(xs) == 1:
-                    xs[h], res[h] = call.finish()
-                    in_flight[h] = None
-        for h, pending in enumerate(in_flight):
-            if pending is not None:
-                xs[h], res[h] = pending.finish()
-        if rs and launcher is not None:
-            res = [_finish(r, launcher.all_gather(r.detach(), shard_sizes(n, world)), "all_gather", self.group,
-                           shard_sizes(n, world)) for r, n in zip(res, plan.halves, strict=True)]
-        if len(xs) == 1:
-            return xs[0], res[0]
-        return torch.cat(xs, dim=0), torch.cat(res, dim=0)
+        plan = self._plan_for(tokens)
+        params = list({id(p): p for p in self.parameters() if p.requires_grad}.values())
+        record = (torch.is_grad_enabled() and not torch.compiler.is_compiling()
+                  and (x.requires_grad or residual.requires_grad or bool(params)))
+        run = WeaveRun(list(self.blocks), group=self.group, launcher=launcher,
+                       layout=ChunkLayout(self.mode, tokens, plan.halves, world, rank), mode=self.mode,
+                       normed_grad=self.normed_grad, unfused=self.backend == "torch", record=record, params=params)
+        return woven(run, x, residual) if record else run.forward(x, residual)
 
     def extra_repr(self) -> str:
         plan = self.plan if isinstance(self.plan, TokenSplitPlan) else ("callable" if self.plan else None)
-        return f"mode={self.mode!r}, backend={self.backend!r}, plan={plan}, group_size={group_size(self.group)}"
+        return (f"mode={self.mode!r}, backend={self.backend!r}, normed_grad={self.normed_grad!r}, plan={plan}, "
+                f"group_size={group_size(self.group)}")

@@ -32,6 +32,28 @@ def test_stand_in_on_a_side_stream_matches_unsplit():
     assert sleeps == [512, 488] * 3
 
 
+@needs_cuda
+@pytest.mark.parametrize("mode", ["allreduce", "reduce_scatter"])
+def test_woven_backward_on_a_side_stream_matches_unsplit(mode):
+    """The woven backward's collectives (stand-ins sleeping on a side stream) are waited for by
+    stream events: gradients equal the unsplit run's."""
+    gen = torch.Generator().manual_seed(0)
+    blocks = [ParallelMLPBlock(256, 512, generator=gen, dtype=torch.float64, device="cuda", normed_grad="partial")
+              for _ in range(3)]
+    x, residual, dy = torch.randn(3, 1000, 256, dtype=torch.float64, device="cuda").unbind(0)
+    grads = []
+    for plan, stand_in in ((None, None), (TokenSplitPlan(num_tokens=1000, first=336, chunks=(336, 336, 328)),
+                                          lambda t: torch.cuda._sleep(1_000_000))):
+        for b in blocks:
+            b.zero_grad(set_to_none=True)
+        xg, rg = x.clone().requires_grad_(), residual.clone().requires_grad_()
+        y, r = TokenWeaver(blocks, None, plan, mode=mode, normed_grad="partial", stand_in=stand_in)(xg, rg)
+        torch.autograd.backward((y, r), (dy, dy))
+        grads.append([xg.grad, rg.grad] + [p.grad for b in blocks for p in b.parameters() if p.grad is not None])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+
+
 def _symm_rank(rank, mode, partials, residual, weight):
     from torch.distributed import _symmetric_memory as symm_mem
 

@@ -105,6 +105,8 @@ def grad_norm(
     Collectives: 1 all-reduce of one float per distinct group that shards parameters (see the
     module docstring); none at TP = 1.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"grad_norm: model must be an nn.Module, got {type(model).__name__} (rank {comm._global_rank()})")
     p = float(norm_type)
     if not (p > 0 or p == math.inf):
         raise ValueError(f"grad_norm: norm_type must be > 0 or inf, got {norm_type!r} (rank {comm._global_rank()})")

@@ -144,7 +144,7 @@ def test_deepspeed_launcher_zero(tmp_path: Path, reference: dict, stage: int, wo
     pytest.importorskip("deepspeed")
     config = str(ROOT / "configs" / f"deepspeed_zero{stage}.json")
     save = ["--save-every", "20"] if stage == 3 else []
-    m = _train(_deepspeed(world), tmp_path, f"zero{stage}", "--deepspeed", config, "--tp", "2", *save, timeout=200)
+    m = _train(_deepspeed(world), tmp_path, f"zero{stage}", "--deepspeed", config, "--tp", "2", *save, timeout=300)
     assert (m["launcher"], m["world_size"], m["tp"], m["dp"]) == ("deepspeed", world, 2, world // 2)
     assert m["deepspeed"]["zero_optimization"]["stage"] == stage
     assert m["deepspeed"]["train_micro_batch_size_per_gpu"] == 8 // (world // 2)
@@ -154,7 +154,7 @@ def test_deepspeed_launcher_zero(tmp_path: Path, reference: dict, stage: int, wo
     if stage == 3:  # DeepSpeed's checkpoint + distnorm's state, resumed at the same shape: bit for bit
         ckpt = tmp_path / "zero3" / "zero3" / "checkpoints" / "step_000020"
         r = _train(_deepspeed(world), tmp_path, "zero3_resumed", "--deepspeed", config, "--tp", "2",
-                   "--resume", str(ckpt), timeout=200)
+                   "--resume", str(ckpt), timeout=300)
         assert r["start_step"] == 20 and r["losses"] == m["losses"] and r["grad_norms"][20:] == m["grad_norms"][20:]
 
 

@@ -180,55 +180,34 @@ def test_unknown_config_key(tmp_path: Path) -> None:
     assert "bad.toml.model.norm_type" in line and "unknown key" in line and "'rmsnorm'" in line
 
 
-def test_bad_values_name_their_source(tmp_path: Path) -> None:
+def test_bad_flag_value_names_the_command_line() -> None:
+    # (the other sources and checks, in-process: tests/launch/test_train_args.py)
     proc = _run([sys.executable, str(TRAIN), "--norm", "groupnorm", *SMALL[:2]], timeout=60)
     (line,) = _error_lines(proc)
     assert "command line --norm (model.norm): must be one of" in line and "'groupnorm'" in line and "'rmsnorm'" in line
     assert "tiny_gpt.toml" not in line
-    cfg = tmp_path / "mine.toml"
-    cfg.write_text("steps = 0\n")
-    proc = _run([sys.executable, str(TRAIN), "--config", str(cfg), "--steps", "0"], timeout=60)
+
+
+def test_existing_run_directory_is_never_overwritten(reference: dict) -> None:
+    run_dir = reference["out"] / "single" / "single"
+    before = (run_dir / "metrics.json").read_bytes()
+    proc = _run([sys.executable, str(TRAIN), *SMALL, "--out-dir", str(reference["out"]), "--name", "single",
+                 "--run-id", "single"], timeout=60)
     (line,) = _error_lines(proc)
-    assert line.endswith("command line --steps: steps must be >= 1, got 0 (rank 0)"), line
-    proc = _run([sys.executable, str(TRAIN), "--config", str(cfg), "--grad-clip", "1"], timeout=60)
-    (line,) = _error_lines(proc)
-    assert line.endswith("mine.toml: steps must be >= 1, got 0 (rank 0)"), line
-    # argparse abbreviations are off: --step is not --steps
-    proc = _run([sys.executable, str(TRAIN), "--step", "10"], timeout=60)
-    assert proc.returncode == 2 and "unrecognized arguments: --step 10" in proc.stderr
+    assert f"run directory '{run_dir}' already exists; nothing is overwritten" in line
+    assert (run_dir / "metrics.json").read_bytes() == before
 
 
-def test_runs_never_overwrite(tmp_path: Path) -> None:
-    args = [sys.executable, str(TRAIN), *SMALL, "--steps", "1", "--out-dir", str(tmp_path), "--name", "n"]
-    first, second = _run(args, timeout=60), _run(args, timeout=60)
-    assert first.returncode == second.returncode == 0, second.stderr[-2000:]
-    runs = sorted(p.name for p in (tmp_path / "n").iterdir())
-    assert len(runs) == 2 and all((tmp_path / "n" / r / "metrics.json").is_file() for r in runs)
-    said = sorted(proc.stdout.splitlines()[0] for proc in (first, second))
-    assert said == [f"run {r}: {tmp_path / 'n' / r}" for r in runs]
-    before = (tmp_path / "n" / runs[0] / "metrics.json").read_bytes()
-    proc = _run([*args, "--run-id", runs[0]], timeout=60)
-    (line,) = _error_lines(proc)
-    assert f"run directory '{tmp_path / 'n' / runs[0]}' already exists; nothing is overwritten" in line
-    assert (tmp_path / "n" / runs[0] / "metrics.json").read_bytes() == before
-
-
-def test_bad_checkpoints_are_refused(tmp_path: Path, reference: dict) -> None:
-    src = reference["out"] / "single" / "single" / "checkpoints" / "step_000020"
-    args = [sys.executable, str(TRAIN), *SMALL, "--out-dir", str(tmp_path)]
-    other = _run([*args, "--d-model", "64", "--resume", str(src)], timeout=60)
-    (line,) = _error_lines(other)
-    assert f"checkpoint '{src / 'meta.json'}': config.model.d_model=32, but this run has 64" in line
+def test_truncated_checkpoint_is_refused(tmp_path: Path, reference: dict) -> None:
+    # (unfinished and mismatched checkpoints, in-process: tests/launch/test_checkpoint.py)
     bad = tmp_path / "truncated"
-    shutil.copytree(src, bad)
+    shutil.copytree(reference["out"] / "single" / "single" / "checkpoints" / "step_000020", bad)
     data = bad / "__0_0.distcp"
     data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
-    (line,) = _error_lines(_run([*args, "--resume", str(bad)], timeout=60))
+    proc = _run([sys.executable, str(TRAIN), *SMALL, "--out-dir", str(tmp_path), "--resume", str(bad)], timeout=60)
+    (line,) = _error_lines(proc)
     assert f"checkpoint file '{data}' is truncated or changed" in line and "it holds model." in line
-    (bad / "meta.json").unlink()
-    (line,) = _error_lines(_run([*args, "--resume", str(bad)], timeout=60))
-    assert f"'{bad / 'meta.json'}' is missing: the save did not finish" in line
-    assert not any((tmp_path / "tiny_gpt").glob("*/metrics.json"))  # refused before training
+    assert not (tmp_path / "tiny_gpt").exists()  # refused before the run directory is made
 
 
 def test_tp_not_dividing_world_exits_on_every_rank(tmp_path: Path) -> None:

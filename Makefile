@@ -39,8 +39,8 @@ pytest: $(STAMP)
 
 test: lint typecheck pytest
 
-# The tiny GPT, TP=2 x DP=2 under torchrun on the CPU (about a minute on 2 cores); its last line
-# says where metrics.json and the loss plot are.
+# The tiny GPT, TP=2 x DP=2 under torchrun on the CPU (about a minute on 2 cores); its first and
+# last lines name its run directory (runs/tiny_gpt/<run id>/: metrics.json, loss.png).
 demo: $(STAMP)
 	$(PY) -m torch.distributed.run --nproc-per-node 4 --master-port $$($(PY) -c "from distnorm.testing import free_port; print(free_port())") launch/train.py --config configs/tiny_gpt.toml --tp 2
 

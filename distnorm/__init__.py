@@ -60,10 +60,13 @@ _EXPORTS: dict[str, str] = {
     "pre_ln_to_pre_rmsnorm": "distnorm.convert",
     # config
     "DistNormConfig": "distnorm.config",
+    # training
+    "clip_grad_norm_": "distnorm.grad_clip",
+    "grad_norm": "distnorm.grad_clip",
 }
 
 _SUBMODULES = (
-    "comm", "config", "convert", "data_parallel", "debug", "functional", "integrations",
+    "comm", "config", "convert", "data_parallel", "debug", "functional", "grad_clip", "integrations",
     "kernels", "overlap", "tensor_parallel", "testing", "topology",
 )
 

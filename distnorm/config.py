@@ -25,7 +25,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
-__all__ = ["ConvertConfig", "DebugConfig", "DistNormConfig", "OverlapConfig", "SyncConfig", "from_dict"]
+__all__ = ["ConvertConfig", "DebugConfig", "DistNormConfig", "OverlapConfig", "SyncConfig", "convert_field", "from_dict"]
 
 T = TypeVar("T")
 
@@ -173,3 +173,22 @@ def from_dict(cls: type[T], data: Mapping[str, Any], *, where: str = "config") -
         return cls(**kwargs)
     except ValueError as exc:  # a __post_init__ check: its message starts with the field name
         raise ValueError(f"{where}.{exc}") from None
+
+
+def convert_field(cls: type, key_path: str, value: Any, *, where: str) -> Any:
+    """Check and convert one value for the dotted field ``key_path`` of the dataclass ``cls``
+    (``"model.norm"`` walks into a nested dataclass) exactly as :func:`from_dict` would, for a value
+    that came from somewhere else than the mapping, e.g. a command-line flag.
+
+    Errors are those of :func:`from_dict`, but begin with ``where`` (say ``"command line --norm
+    (model.norm)"``) instead of the key path: the message names where the bad value came from.
+    """
+    tp: Any = cls
+    for part in key_path.split("."):
+        if not (isinstance(tp, type) and dataclasses.is_dataclass(tp)):
+            raise ValueError(f"{where}: {key_path!r} is not a field of {cls.__name__}")
+        hints = typing.get_type_hints(tp)
+        if part not in hints:
+            raise ValueError(f"{where}: {key_path!r} is not a field of {cls.__name__}")
+        tp = hints[part]
+    return _convert(tp, value, where)

@@ -48,7 +48,7 @@ from distnorm.tensor_parallel import (
     layer_norm_scaling,
 )
 
-__all__ = ["GPT", "NORM_TYPES", "PLACEMENTS", "ModelConfig", "make_norm"]
+__all__ = ["GPT", "NORM_TYPES", "PLACEMENTS", "ModelConfig", "fused_qkv_keys", "make_norm"]
 
 NormType = Literal["layernorm", "rmsnorm", "ssnorm", "crmsnorm", "powernorm", "unified", "prepbn"]
 Placement = Literal["pre", "post", "peri", "mix"]
@@ -162,6 +162,17 @@ def _qkv_linear(d: int, group: Group, generator: torch.Generator) -> ColumnParal
     weight = torch.cat([torch.cat([m[r] for m in w]) for r in rows])
     bias = torch.cat([torch.cat([v[r] for v in b]) for r in rows])
     return ColumnParallelLinear.from_full(weight, bias, group=group, sequence_parallel=True)
+
+
+def fused_qkv_keys(model: nn.Module) -> dict[str, int]:
+    """``{state-dict key: 3}`` for every fused q/k/v weight and bias of ``model``.
+
+    TP rank r holds rows ``[q_r; k_r; v_r]`` (:func:`_qkv_linear`), so the all-gathered tensor
+    depends on the TP degree; its ``[3, d, ...]`` view, sharded along dim 1, does not. Checkpoints
+    (``launch/checkpoint.py``) store that view so that they load at any TP degree.
+    """
+    return {f"{name}.qkv.{p}": 3 for name, m in model.named_modules() if isinstance(m, Block)
+            for p in ("weight", "bias")}
 
 
 class Block(nn.Module):

@@ -469,6 +469,12 @@ def test_token_split_planning_bad_arguments():
 # Functions
 # --------------------------------------------------------------------------------------------
 
+def _nan_grad_linear() -> nn.Module:
+    lin = nn.Linear(2, 2)
+    lin.weight.grad = torch.full((2, 2), float("nan"))
+    return lin
+
+
 FUNCTION_CASES: list[tuple[str, Callable[[], object], type[Exception], str]] = [
     ("shard_sizes", lambda: distnorm.shard_sizes(-1, 2), ValueError, r"n must be an int >= 0, got -1 \(rank 0\)"),
     ("shard_sizes", lambda: distnorm.shard_sizes(4, 0), ValueError, r"world must be a positive int, got 0 \(rank 0\)"),
@@ -499,6 +505,16 @@ FUNCTION_CASES: list[tuple[str, Callable[[], object], type[Exception], str]] = [
      r"convert_sync_batchnorm: module must be an nn.Module, got Tensor \(rank 0 of 1\)"),
     ("convert_sync_batchnorm", lambda: distnorm.convert_sync_batchnorm(nn.BatchNorm1d(4), None, channel_dim=2),
      ValueError, r"SyncBatchNorm: channel_dim must be 1 or -1, got 2 \(rank 0 of 1\)"),
+    ("clip_grad_norm_", lambda: distnorm.clip_grad_norm_(nn.Linear(2, 2), 0.0), ValueError,
+     r"clip_grad_norm_: max_norm must be a finite float > 0, got 0.0 \(rank 0\)"),
+    ("clip_grad_norm_", lambda: distnorm.clip_grad_norm_(nn.Linear(2, 2), float("inf")), ValueError,
+     r"clip_grad_norm_: max_norm must be a finite float > 0, got inf \(rank 0\)"),
+    ("clip_grad_norm_", lambda: distnorm.clip_grad_norm_(_nan_grad_linear(), 1.0, error_if_nonfinite=True),
+     RuntimeError, r"grad_norm: the total norm of order 2.0 of the gradients is nan, .* \(rank 0\)"),
+    ("grad_norm", lambda: distnorm.grad_norm(nn.Linear(2, 2), norm_type=0), ValueError,
+     r"grad_norm: norm_type must be > 0 or inf, got 0 \(rank 0\)"),
+    ("grad_norm", lambda: distnorm.grad_norm(torch.ones(2)), TypeError,
+     r"grad_norm: model must be an nn.Module, got Tensor \(rank 0\)"),
 ]
 
 

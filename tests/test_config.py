@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from distnorm.config import ConvertConfig, DistNormConfig, from_dict
+from distnorm.config import ConvertConfig, DistNormConfig, convert_field, from_dict
 
 
 def test_defaults_and_nested_sections() -> None:
@@ -65,3 +65,16 @@ def test_debug_section_turns_on_consistency_checks():
         assert debug.consistency_checks_enabled()
     finally:
         debug.enable_consistency_checks(before)
+
+
+def test_convert_field_names_where_the_value_came_from() -> None:
+    assert convert_field(DistNormConfig, "convert.layer_norm", "sharded", where="cli") == "sharded"
+    assert convert_field(DistNormConfig, "tp_size", 2, where="cli") == 2
+    with pytest.raises(ValueError, match=r"^command line --ln \(convert.layer_norm\): must be one of 'keep', .* got 'x'"):
+        convert_field(DistNormConfig, "convert.layer_norm", "x", where="command line --ln (convert.layer_norm)")
+    with pytest.raises(TypeError, match=r"^cli: must be int, got str '2'"):
+        convert_field(DistNormConfig, "tp_size", "2", where="cli")
+    with pytest.raises(ValueError, match=r"^cli: 'convert.norm' is not a field of DistNormConfig"):
+        convert_field(DistNormConfig, "convert.norm", 1, where="cli")
+    with pytest.raises(ValueError, match=r"^cli: 'tp_size.x' is not a field of DistNormConfig"):
+        convert_field(DistNormConfig, "tp_size.x", 1, where="cli")

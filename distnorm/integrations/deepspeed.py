@@ -12,6 +12,15 @@ the section says, and calls ``deepspeed.initialize(..., mpu=topology)``: DeepSpe
 data-parallel group — ZeRO's partitioning and gradient reduction — from ``topology.dp_group`` only,
 never across tensor-parallel ranks. The return value is DeepSpeed's own 4-tuple.
 
+Gradient clipping (``"gradient_clipping"``, which DeepSpeed applies at 1.0 when the key is
+absent): DeepSpeed's norm counts a parameter on every TP rank when it carries
+``tensor_model_parallel = True`` and on TP rank 0 only otherwise, then sums over
+``mpu.get_model_parallel_group()`` (``deepspeed.runtime.utils.is_model_parallel_parameter``, read
+by ZeRO stages 0-3 alike). ``initialize`` sets that attribute on exactly the TP-sharded parameters
+(:func:`mark_tensor_parallel_parameters`), so DeepSpeed's clipping uses the single-device norm of
+:func:`distnorm.grad_norm`. (Clipping outside DeepSpeed instead is not possible under ZeRO-2/3,
+whose gradients are partitioned over DP and gone from ``p.grad`` after ``backward``.)
+
 CPU (gloo): distnorm creates the process group itself before DeepSpeed sees it, and switches off
 DeepSpeed's shared-memory all-reduce extension, which DeepSpeed would otherwise JIT-compile on
 first use (minutes on a small machine; a compile killed halfway leaves a lock file that makes
@@ -31,7 +40,7 @@ from torch import nn
 from distnorm.config import DistNormConfig
 from distnorm.topology import Topology, init_distributed
 
-__all__ = ["SECTION", "convert_model", "initialize", "load_config"]
+__all__ = ["SECTION", "convert_model", "initialize", "load_config", "mark_tensor_parallel_parameters"]
 
 SECTION = "distnorm"
 
@@ -83,6 +92,23 @@ def convert_model(model: nn.Module, cfg: DistNormConfig, topology: Topology) -> 
     return model
 
 
+def mark_tensor_parallel_parameters(model: nn.Module) -> int:
+    """Tell DeepSpeed which parameters of ``model`` are TP-sharded; returns how many.
+
+    Sets ``param.tensor_model_parallel = True`` on the parameters that
+    :func:`distnorm.grad_clip.tensor_parallel_parameters` finds (by module type): the attribute
+    DeepSpeed's gradient-norm code reads (its ``mpu`` contract), so that a sharded parameter is
+    counted on every TP rank and a replicated one (no attribute) once. Other parameters are left
+    as they are (a Megatron layer's own marks stay). distnorm never reads it. No collectives.
+    """
+    from distnorm.grad_clip import tensor_parallel_parameters
+
+    sharded = [p for _, params in tensor_parallel_parameters(model) for p in params]
+    for p in sharded:
+        p.tensor_model_parallel = True  # type: ignore[attr-defined]
+    return len(sharded)
+
+
 def _skip_cpu_shm_build() -> None:
     import deepspeed.ops
     from deepspeed.accelerator import get_accelerator
@@ -125,6 +151,7 @@ def initialize(
             ) from None
     cfg.apply_debug()
     model = convert_model(model, cfg, topo)
+    mark_tensor_parallel_parameters(model)
     _skip_cpu_shm_build()
     import deepspeed
 

@@ -17,7 +17,7 @@ of the model's groups (they issue collectives). The layout rules (which paramete
 which dim) are found by module type; nothing is tagged on parameters.
 
 Collectives (P > 1), per sharded parameter: ``full_state_dict`` 1 all-gather; ``dcp_state_dict``
-1 all-gather; ``load_dcp_state_dict`` 1 all-gather; ``load_full_state_dict`` none (``dcp.save`` /
+(``to_dcp``) 1 all-gather; ``load_dcp_state_dict`` (``from_dcp``) 1 all-gather; ``load_full_state_dict`` none (``dcp.save`` /
 ``dcp.load`` issue their own, outside distnorm).
 """
 
@@ -35,7 +35,8 @@ from distnorm.tensor_parallel.linear import ColumnParallelLinear, RowParallelLin
 from distnorm.tensor_parallel.sharded import ShardedNorm
 from distnorm.tensor_parallel.variants import CRMSNorm
 
-__all__ = ["dcp_state_dict", "full_state_dict", "load_dcp_state_dict", "load_full_state_dict", "shard_layout"]
+__all__ = ["dcp_state_dict", "from_dcp", "full_state_dict", "load_dcp_state_dict", "load_full_state_dict", "shard_layout",
+           "to_dcp"]
 
 
 def shard_layout(model: nn.Module) -> dict[str, tuple[int, int, Group]]:
@@ -111,11 +112,18 @@ def dcp_state_dict(model: nn.Module) -> dict[str, Any]:
     replicated ones stay plain tensors. Pass the same call's result to ``dcp.load`` and then to
     :func:`load_dcp_state_dict` to restore, at any TP size.
     """
+    return to_dcp(model.state_dict(), shard_layout(model))
+
+
+def to_dcp(state: Mapping[str, torch.Tensor], layout: Mapping[str, tuple[int, int, Group]]) -> dict[str, Any]:
+    """``state`` (this rank's tensors) with every entry whose key is in ``layout`` as the DTensor of
+    :func:`dcp_state_dict`; other entries detached. For tensors laid out like a model's sharded
+    parameters, e.g. an optimizer's moments keyed by parameter name. Collectives (P > 1): 1
+    all-gather per sharded entry."""
     from torch.distributed.tensor import DTensor, Shard
 
-    layout = shard_layout(model)
     out: dict[str, Any] = {}
-    for key, value in model.state_dict().items():
+    for key, value in state.items():
         if key not in layout:
             out[key] = value.detach()
             continue
@@ -129,22 +137,28 @@ def dcp_state_dict(model: nn.Module) -> dict[str, Any]:
     return out
 
 
-def load_dcp_state_dict(model: nn.Module, state: Mapping[str, Any], *, strict: bool = True) -> None:
-    """Copy a state dict filled by ``dcp.load`` (built by :func:`dcp_state_dict` on this model) into ``model``."""
+def from_dcp(state: Mapping[str, Any], layout: Mapping[str, tuple[int, int, Group]]) -> dict[str, torch.Tensor]:
+    """The inverse of :func:`to_dcp` after ``dcp.load``: every DTensor back to this rank's
+    ``shard_sizes`` slice (its key must be in ``layout``, else ValueError); plain tensors unchanged.
+    Collectives (P > 1): 1 all-gather per DTensor."""
     from torch.distributed.tensor import DTensor
 
-    layout = shard_layout(model)
-    full: dict[str, torch.Tensor] = {}
+    local: dict[str, torch.Tensor] = {}
     for key, value in state.items():
         if isinstance(value, DTensor):
             if key not in layout:
                 raise ValueError(f"load_dcp_state_dict: state[{key!r}] is a DTensor but {key!r} is not a sharded "
                                  f"parameter of this model (rank {comm._global_rank()})")
             dim, n, group = layout[key]
-            value = comm.all_gather_uneven(value.to_local().contiguous(), group, dim=dim,
-                                           sizes=_chunk_sizes(n, group_size(group)))
-        full[key] = value
-    load_full_state_dict(model, full, strict=strict)
+            value = _my_slice(comm.all_gather_uneven(value.to_local().contiguous(), group, dim=dim,
+                                                     sizes=_chunk_sizes(n, group_size(group))), dim, group)
+        local[key] = value
+    return local
+
+
+def load_dcp_state_dict(model: nn.Module, state: Mapping[str, Any], *, strict: bool = True) -> None:
+    """Copy a state dict filled by ``dcp.load`` (built by :func:`dcp_state_dict` on this model) into ``model``."""
+    model.load_state_dict(from_dcp(state, shard_layout(model)), strict=strict)
 
 
 def _chunk_sizes(n: int, world: int) -> list[int]:

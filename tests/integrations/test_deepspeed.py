@@ -75,3 +75,27 @@ def _initialize_mismatch(rank: int) -> str:
 def test_initialize_tp_mismatch_names_rank() -> None:
     for rank, msg in enumerate(simulate(2, _initialize_mismatch, timeout=60)):
         assert f"distnorm.tp_size=2 does not match the topology's tp_size=1 (rank {rank})" == msg
+
+
+def _marks(rank: int, tp: int) -> dict[str, bool]:
+    from distnorm.integrations.deepspeed import mark_tensor_parallel_parameters
+    from distnorm.topology import init_distributed
+    from tests.tensor_parallel.tp_model import Model
+
+    topo = init_distributed(tp=tp)
+    model = Model(topo.tp_group)
+    model.blocks[0].norm1.weight.tensor_model_parallel = True  # a mark set by someone else stays
+    count = mark_tensor_parallel_parameters(model)
+    marks = {n: bool(getattr(p, "tensor_model_parallel", False)) for n, p in model.named_parameters()}
+    assert count == sum(marks.values()) - 1  # minus the mark set by hand
+    return marks
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_mark_tensor_parallel_parameters_marks_exactly_the_sharded_ones(tp: int) -> None:
+    """What DeepSpeed's gradient norm reads (is_model_parallel_parameter): sharded on every TP rank, replicated once."""
+    sharded = {f"blocks.{i}.{n}" for i in range(2)
+               for n in ("fc1.weight", "fc1.bias", "norm2.weight", "norm2.bias", "fc2.weight")}
+    for marks in simulate(tp, _marks, tp, timeout=60):
+        want = {n for n in marks if n in sharded and tp > 1} | {"blocks.0.norm1.weight"}
+        assert {n for n, marked in marks.items() if marked} == want

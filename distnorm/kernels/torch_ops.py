@@ -9,9 +9,12 @@ How it is fast:
 
 * Whole-row LayerNorm is torch's fused native kernel (``torch.native_layer_norm`` /
   ``aten.native_layer_norm_backward``), called with gamma/beta in the stats dtype: with bf16/fp16
-  activations that is torch's mixed-dtype layer norm, which returns float32 mean/rstd/dgamma/dbeta
-  (with bf16 gamma it would round all four to bf16) and is also the faster CPU kernel. CUDA's native
-  kernel has no mixed-dtype path, so 16-bit CUDA tensors that reach here take the composite below.
+  activations that is torch's mixed-dtype layer norm, which returns float32 mean/rstd (with bf16
+  gamma it would round them to bf16) and is also the faster CPU kernel. Its backward accumulates
+  dgamma/dbeta in a buffer of the *input's* dtype, though (``layer_norm_kernel.cpp``; bf16 at
+  2048 x 1024: ~25% off), so for 16-bit inputs dx comes from it and dgamma/dbeta from its float32
+  kernel run on float32 copies of row chunks (:func:`_native_param_grads`). CUDA's native kernel
+  has no mixed-dtype path, so 16-bit CUDA tensors that reach here take the composite below.
 * torch 2.13 has no fused RMSNorm on the CPU (``aten._fused_rms_norm`` is a CompositeImplicit
   forward; its backward has no CPU kernel), so RMSNorm and the hidden-sharded pieces are composites
   written to allocate as few ``[T, N]`` temporaries as possible: one working copy in the stats
@@ -172,6 +175,39 @@ def _bwd_core(
 # whole rows
 
 
+_CHUNK_ELEMENTS = 1 << 19  # 2 MiB of float32 per buffer: stays in cache and is not returned to the OS
+
+
+def _native_param_grads(
+    dy: torch.Tensor, x2d: torch.Tensor, mean2d: torch.Tensor, rstd2d: torch.Tensor, gamma: torch.Tensor,
+    want: list[bool],
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """LayerNorm ``(dgamma, dbeta)`` of 16-bit ``dy``, ``x2d`` accumulated in float32: torch's native
+    backward on float32 copies of row chunks (two reused chunk buffers), the partial sums added in float32.
+
+    torch's CPU LayerNorm backward accumulates dgamma/dbeta in a buffer of the input's dtype: for
+    bf16 at 2048 x 1024 that is off by ~25% of the gradient; this costs one more pass over x and dy.
+    """
+    t, n = x2d.shape
+    rows = max(1, min(t, _CHUNK_ELEMENTS // n))
+    x_buf = torch.empty(rows, n, dtype=gamma.dtype, device=x2d.device)
+    dy_buf = torch.empty_like(x_buf)
+    dgamma = torch.zeros(n, dtype=gamma.dtype, device=x2d.device) if want[0] else None
+    dbeta = torch.zeros(n, dtype=gamma.dtype, device=x2d.device) if want[1] else None
+    for start in range(0, t, rows):
+        stop = min(t, start + rows)
+        xc, dyc = x_buf[: stop - start], dy_buf[: stop - start]
+        xc.copy_(x2d[start:stop])
+        dyc.copy_(dy[start:stop])
+        _, dg, db = _aten.native_layer_norm_backward(dyc, xc, [n], mean2d[start:stop], rstd2d[start:stop], gamma,
+                                                     gamma, [False, *want])
+        if dgamma is not None:
+            dgamma.add_(dg)
+        if dbeta is not None:
+            dbeta.add_(db)
+    return dgamma, dbeta
+
+
 def layer_norm_fwd(
     x2d: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float, *,
     zero_centered_gamma: bool = False, output_scale: float = 1.0,
@@ -206,10 +242,16 @@ def layer_norm_bwd(
     _check_stats(rstd, "rstd", x2d, where)
     if _native_layer_norm(x2d):
         gamma = _gamma(weight, zero_centered_gamma, output_scale, n, x2d)
-        # the native backward reads beta only for its dtype and device; dbeta = Σ dy needs neither value
-        dx, dgamma, dbeta = _aten.native_layer_norm_backward(
-            dy.to(x2d.dtype), x2d, [n], mean.view(-1, 1), rstd.view(-1, 1), gamma, gamma if has_bias else None,
-            [True, weight is not None, has_bias])
+        mean2d, rstd2d = mean.view(-1, 1), rstd.view(-1, 1)
+        want = [weight is not None, has_bias]
+        if x2d.dtype == gamma.dtype:  # float32 / float64: the native kernel accumulates dgamma in that dtype
+            # the native backward reads beta only for its dtype and device; dbeta = Σ dy needs neither value
+            dx, dgamma, dbeta = _aten.native_layer_norm_backward(
+                dy.to(x2d.dtype), x2d, [n], mean2d, rstd2d, gamma, gamma, [True, *want])
+        else:  # 16-bit: its dgamma/dbeta buffers are 16-bit (layer_norm_kernel.cpp), so take only dx from it
+            dx = _aten.native_layer_norm_backward(dy.to(x2d.dtype), x2d, [n], mean2d, rstd2d, gamma, None,
+                                                  [True, False, False])[0]
+            dgamma, dbeta = _native_param_grads(dy, x2d, mean2d, rstd2d, gamma, want) if any(want) else (None, None)
         dw = None if dgamma is None else dgamma.mul_(output_scale) if output_scale != 1.0 else dgamma
         db = None if dbeta is None else dbeta.mul_(output_scale) if output_scale != 1.0 else dbeta
         return dx.to(dy.dtype), dw, db

@@ -105,11 +105,19 @@ class ShapeChecked:
                           f"{where(self.group)}")
 
     def check_parameters(self) -> None:
-        """Raise if a parameter no longer has the shape the module was built with."""
-        for name, (expected, _) in self.expected_shapes().items():
-            p = getattr(self, name)
-            if p is not None and tuple(p.shape) != expected:
-                raise self._shape_error(name, tuple(p.shape), "")
+        """Raise if ``weight`` / ``bias`` no longer have the shapes the module was built with."""
+        weight, bias = getattr(self, "weight", None), getattr(self, "bias", None)
+        shapes = self._param_shapes
+        if (weight is not None and weight.shape != shapes[0]) or (bias is not None and bias.shape != shapes[1]):
+            for name, (expected, _) in self.expected_shapes().items():
+                p = getattr(self, name)
+                if p is not None and tuple(p.shape) != expected:
+                    raise self._shape_error(name, tuple(p.shape), "")
+
+    @property
+    def _param_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        shapes = self.expected_shapes()
+        return shapes["weight"][0], shapes["bias"][0]
 
     def _load_from_state_dict(self, state_dict: Any, prefix: str, local_metadata: Any, strict: bool,
                               missing_keys: list[str], unexpected_keys: list[str], error_msgs: list[str]) -> None:
@@ -181,6 +189,10 @@ class NormBase(ShapeChecked, nn.Module):
             if self.bias is not None:
                 self.bias.zero_()
 
+    @property
+    def _param_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        return self.param_shape, self.param_shape
+
     def expected_shapes(self) -> dict[str, tuple[tuple[int, ...], str]]:
         what = ("one gain shared by every column" if self.param_shape == (1,) and self.local_size != 1 else
                 f"this rank's hidden shard shard_sizes({self.hidden}, {group_size(self.group)})"
@@ -211,6 +223,8 @@ def run_on_local(
     token on every rank, still exact); hidden-sharded wants ``Shard(-1)``. Anything else is a
     ValueError: converting would hide an all-gather.
     """
+    if type(x) is torch.Tensor or isinstance(x, nn.Parameter):
+        return fn(x)
     try:
         from torch.distributed.tensor import DTensor, Replicate, Shard
     except ImportError:  # pragma: no cover - torch without DTensor

@@ -12,7 +12,12 @@ import torch.distributed as dist
 
 from distnorm import kernels
 from distnorm.functional import layer_norm as F
-from distnorm.tensor_parallel import SequenceParallelLayerNorm, SequenceParallelRMSNorm, ShardedLayerNorm, ShardedRMSNorm
+from distnorm.tensor_parallel import (
+    SequenceParallelLayerNorm,
+    SequenceParallelRMSNorm,
+    ShardedLayerNorm,
+    ShardedRMSNorm,
+)
 from distnorm.testing import simulate
 
 T, H = 6, 37

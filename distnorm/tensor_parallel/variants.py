@@ -106,7 +106,7 @@ class _CRMSNormFn(torch.autograd.Function):
         xf = x2d.to(stats_dtype(x2d.dtype))
         stats = torch.stack([xf.square().sum(dim=-1), xf.sum(dim=-1)], dim=-1)  # [T, 2]: Σx², Σx
         comm.all_reduce_(stats, stats_group)
-        total = stats[:, 1]
+        total = stats[:, 1].contiguous()  # saved: its own [T], not a view that keeps [T, 2] alive
         rstd = torch.rsqrt((stats[:, 0] + total.square()) / d + eps)
         kw = {"zero_centered_gamma": zero_centered_gamma, "output_scale": output_scale}
         y = norm_fwd_with_stats(x2d, None, rstd, weight, None, **kw)  # type: ignore[arg-type]

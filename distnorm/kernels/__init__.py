@@ -48,6 +48,7 @@ from distnorm.kernels.torch_ops import stats_dtype
 __all__ = [
     "AddRMSNormFn",
     "Backend",
+    "CRMSNormFn",
     "LayerNormFn",
     "RMSNormFn",
     "ShardedNormFn",
@@ -232,6 +233,7 @@ def norm_bwd_finish(
 
 from distnorm.kernels.autograd import (  # noqa: E402  (the Functions dispatch through the names above)
     AddRMSNormFn,
+    CRMSNormFn,
     LayerNormFn,
     RMSNormFn,
     ShardedNormFn,

@@ -5,6 +5,7 @@
 | local | ``[*, N]`` | ``[N]`` | :class:`LayerNormFn`, :class:`RMSNormFn`, :class:`AddRMSNormFn` | :func:`layer_norm`, :func:`rms_norm`, :func:`add_rms_norm` |
 | sequence parallel | this rank's tokens ``[*, N]`` | replicated ``[N]`` | the local Functions with ``grad_group`` | :func:`sequence_parallel_norm` |
 | hidden-sharded | ``[*, N_local]`` | sharded ``[N_local]`` | :class:`ShardedNormFn` | :func:`sharded_norm` |
+| CRMSNorm, both forms | ``[*, d-1]`` or its shard | replicated or sharded | :class:`CRMSNormFn` | ``CRMSNorm`` |
 
 Every Function saves only ``x`` (``residual_out`` for add+RMSNorm, which is also its output), the
 parameters and the per-row statistics, and calls the launchers of :mod:`distnorm.kernels` with the
@@ -32,6 +33,7 @@ from distnorm.kernels._checks import GRAD_SYNC_MODES, check_norm_inputs, local_s
 
 __all__ = [
     "AddRMSNormFn",
+    "CRMSNormFn",
     "LayerNormFn",
     "RMSNormFn",
     "ShardedNormFn",
@@ -246,6 +248,48 @@ class ShardedNormFn(torch.autograd.Function):
                                        weight.numel() == 1 else None)
         dx = K.launcher("norm_bwd_finish", backend)(dy2d, x2d, w, mean, rstd, sums, hidden, **kw)
         return dx.view(dy.shape), dw, db, None, None, None, None, None, None, None, None
+
+
+class CRMSNormFn(torch.autograd.Function):
+    """Compressed RMSNorm of a zero-mean d-vector stored with ``d - 1`` coordinates, sums over ``stats_group``.
+
+    ``apply(x, weight, eps, zero_centered_gamma, output_scale, stats_group, grad_group, d, backend="auto")``:
+    ``y = x · rstd · w_eff · s``, ``rstd = ((Σx² + (Σx)²)/d + eps)^-1/2``. ``stats_group`` (hidden
+    split) all-reduces ``[Σx², Σx]`` per token forward and ``Σg·x̂`` backward; ``grad_group``
+    (tokens split, weight replicated) all-reduces the float32 dW. Backward:
+    ``dx = rstd · (g - (x_hat + S·rstd) · Σ(g·x_hat) / d)``, ``S = Σx``, ``g = dy·w_eff·s``: the
+    RMSNorm finish applied to the shifted input ``x + S``.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x, weight, eps, zero_centered_gamma, output_scale, stats_group, grad_group, d,
+                backend="auto"):
+        n = x.shape[-1]
+        x2d = as_2d(x, n)
+        backend = K.resolve_backend(x2d, backend, where="crms_norm")
+        moments = K.launcher("norm_partial_stats", backend)(x2d, rms=False)  # [T, 2]: local mean, local M2
+        mean = moments[:, 0]
+        stats = torch.stack([moments[:, 1] + n * mean.square(), n * mean], dim=-1)  # [T, 2]: Σx², Σx
+        comm.all_reduce_(stats, stats_group)
+        total = stats[:, 1].contiguous()  # saved: its own [T], not a view that keeps [T, 2] alive
+        rstd = ((stats[:, 0] + total.square()) / d + eps).rsqrt()
+        kw = {"zero_centered_gamma": zero_centered_gamma, "output_scale": output_scale}
+        y = K.launcher("norm_fwd_with_stats", backend)(x2d, None, rstd, weight, None, **kw)
+        ctx.save_for_backward(x2d, weight, rstd, total)
+        ctx.config = (kw, stats_group, grad_group, d, backend)
+        return y.view(x.shape)
+
+    @staticmethod
+    def backward(ctx: Any, dy):
+        x2d, weight, rstd, total = ctx.saved_tensors
+        kw, stats_group, grad_group, d, backend = ctx.config
+        dy2d = as_2d(dy, x2d.shape[-1])
+        sums, dw, _ = K.launcher("norm_bwd_partial", backend)(dy2d, x2d, weight, None, rstd, **kw)  # Σg·x_hat
+        comm.all_reduce_(sums, stats_group)
+        shifted = x2d.to(rstd.dtype) + total.unsqueeze(-1)
+        dx = K.launcher("norm_bwd_finish", backend)(dy2d, shifted, weight, None, rstd, sums, d, **kw)
+        (dw,), _ = _param_grads([dw if ctx.needs_input_grad[1] else None], [weight], grad_group)
+        return dx.to(x2d.dtype).view(dy.shape), dw, None, None, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------------------------

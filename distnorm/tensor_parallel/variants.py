@@ -18,15 +18,12 @@ With ``group`` None or of size 1 the two forms are the same one-device op.
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 from torch import nn
 
-from distnorm import comm
 from distnorm.comm import Group, group_size
-from distnorm.kernels import norm_bwd_finish, norm_bwd_partial, norm_fwd_with_stats, stats_dtype
-from distnorm.kernels.autograd import RMSNormFn, ShardedNormFn, as_2d
+from distnorm.kernels.autograd import CRMSNormFn, RMSNormFn, ShardedNormFn
 from distnorm.tensor_parallel._common import DeferredGradSync, NormBase, check_inputs, run_on_local, where
 
 __all__ = ["CRMSNorm", "SingleScaleRMSNorm", "layer_norm_scaling"]
@@ -93,41 +90,6 @@ class SingleScaleRMSNorm(NormBase, DeferredGradSync):
                 + f", parallel={self.parallel!r}, grad_sync={self.grad_sync!r}")
 
 
-class _CRMSNormFn(torch.autograd.Function):
-    """``y = x · rstd · w``, ``rstd = ((Σx² + (Σx)²)/d + eps)^-1/2``; sums over all shards.
-
-    Backward: ``dx = rstd · (g - (x_hat + S·rstd) · Σ(g·x_hat) / d)``, ``S = Σx``, ``g = dy·w·s``.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor | None, eps: float, zero_centered_gamma: bool,
-                output_scale: float, stats_group: Group, grad_group: Group, d: int) -> torch.Tensor:
-        x2d = as_2d(x, x.shape[-1])
-        xf = x2d.to(stats_dtype(x2d.dtype))
-        stats = torch.stack([xf.square().sum(dim=-1), xf.sum(dim=-1)], dim=-1)  # [T, 2]: Σx², Σx
-        comm.all_reduce_(stats, stats_group)
-        total = stats[:, 1].contiguous()  # saved: its own [T], not a view that keeps [T, 2] alive
-        rstd = torch.rsqrt((stats[:, 0] + total.square()) / d + eps)
-        kw = {"zero_centered_gamma": zero_centered_gamma, "output_scale": output_scale}
-        y = norm_fwd_with_stats(x2d, None, rstd, weight, None, **kw)  # type: ignore[arg-type]
-        ctx.save_for_backward(x2d, weight, rstd, total)
-        ctx.kw, ctx.stats_group, ctx.grad_group, ctx.d = kw, stats_group, grad_group, d
-        return y.view(x.shape)
-
-    @staticmethod
-    def backward(ctx: Any, dy: torch.Tensor) -> tuple[Any, ...]:
-        x2d, weight, rstd, total = ctx.saved_tensors
-        dy2d = as_2d(dy, x2d.shape[-1])
-        sums, dw, _ = norm_bwd_partial(dy2d, x2d, weight, None, rstd, **ctx.kw)  # [T, 1]: Σg·x_hat
-        comm.all_reduce_(sums, ctx.stats_group)
-        # x_hat + S·rstd = (x + S)·rstd: the RMSNorm finish on the shifted input is CRMSNorm's dx
-        shifted = x2d.to(rstd.dtype) + total.unsqueeze(-1)
-        dx = norm_bwd_finish(dy2d, shifted, weight, None, rstd, sums, ctx.d, **ctx.kw).to(x2d.dtype)
-        if dw is not None:
-            dw = comm.all_reduce_(dw, ctx.grad_group).to(weight.dtype)
-        return dx.view(dy.shape), dw, None, None, None, None, None, None
-
-
 class CRMSNorm(NormBase, DeferredGradSync):
     """Compressed RMSNorm of a zero-mean d-vector stored with ``normalized_shape = d - 1`` coordinates.
 
@@ -163,7 +125,7 @@ class CRMSNorm(NormBase, DeferredGradSync):
 
         def fn(x_local: torch.Tensor) -> torch.Tensor:
             check_inputs(cls, x_local, self.weight, None, self.local_size, "the local hidden size", self.group)
-            return _CRMSNormFn.apply(x_local, self.weight, self.eps, self.zero_centered_gamma, self.output_scale,
+            return CRMSNormFn.apply(x_local, self.weight, self.eps, self.zero_centered_gamma, self.output_scale,
                                      stats_group, grad_group, self.hidden + 1)
 
         return run_on_local(x, fn, sharded_hidden=sharded, cls=cls, group=self.group, local_hidden=self.local_size)

@@ -46,8 +46,14 @@ __all__ = [
 
 
 def as_2d(t: torch.Tensor, n: int) -> torch.Tensor:
-    t2d = t.reshape(-1, n)
+    """``t [*, n]`` as ``[T, n]`` with unit stride along ``n`` (a view unless that stride is not 1)."""
+    t2d = t if t.dim() == 2 else t.reshape(-1, n)
     return t2d if t2d.stride(-1) == 1 or n == 1 else t2d.contiguous()
+
+
+def _like(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """``t`` viewed in ``ref``'s shape (no call when it already has it: this is the per-call hot path)."""
+    return t if t.shape == ref.shape else t.view(ref.shape)
 
 
 def _gain_operand(weight: torch.Tensor | None, n: int) -> torch.Tensor | None:
@@ -80,7 +86,9 @@ def _param_grads(grads: Sequence[torch.Tensor | None], params: Sequence[torch.Te
             if g is not None:
                 folded[i] = flat[offset: offset + g.numel()]
                 offset += g.numel()
-    out = [None if g is None or p is None else g.reshape(p.shape).to(p.dtype) for g, p in zip(folded, params)]
+    out = [None if g is None or p is None else
+           g if g.dtype == p.dtype and g.shape == p.shape else g.reshape(p.shape).to(p.dtype)
+           for g, p in zip(folded, params)]
     return out, extra
 
 
@@ -106,7 +114,7 @@ class LayerNormFn(torch.autograd.Function):
             output_scale=output_scale)
         ctx.save_for_backward(x2d, weight, bias, mean, rstd)
         ctx.config = (zero_centered_gamma, output_scale, backend, grad_group)
-        return y.view(x.shape)
+        return _like(y, x)
 
     @staticmethod
     def backward(ctx: Any, dy):
@@ -119,7 +127,7 @@ class LayerNormFn(torch.autograd.Function):
             as_2d(dy, n), x2d, _gain_operand(weight, n), mean, rstd, zero_centered_gamma=zero_centered_gamma,
             output_scale=output_scale, has_bias=want_b)
         (dw, db), _ = _param_grads([dw if want_w else None, db], [weight, bias], grad_group)
-        return dx.view(dy.shape), dw, db, None, None, None, None, None
+        return _like(dx, dy), dw, db, None, None, None, None, None
 
 
 class RMSNormFn(torch.autograd.Function):
@@ -138,7 +146,7 @@ class RMSNormFn(torch.autograd.Function):
             x2d, _gain_operand(weight, n), eps, zero_centered_gamma=zero_centered_gamma, output_scale=output_scale)
         ctx.save_for_backward(x2d, weight, rstd)
         ctx.config = (zero_centered_gamma, output_scale, backend, grad_group)
-        return y.view(x.shape)
+        return _like(y, x)
 
     @staticmethod
     def backward(ctx: Any, dy):
@@ -150,7 +158,7 @@ class RMSNormFn(torch.autograd.Function):
             as_2d(dy, n), x2d, _gain_operand(weight, n) if weight is not None else None, rstd,
             zero_centered_gamma=zero_centered_gamma, output_scale=output_scale)
         (dw,), _ = _param_grads([dw if want_w else None], [weight], grad_group)
-        return dx.view(dy.shape), dw, None, None, None, None, None
+        return _like(dx, dy), dw, None, None, None, None, None
 
 
 class AddRMSNormFn(torch.autograd.Function):
@@ -226,7 +234,7 @@ class ShardedNormFn(torch.autograd.Function):
         y = K.launcher("norm_fwd_with_stats", backend)(x2d, mean, rstd, _gain_operand(weight, n_local), bias, **kw)
         ctx.save_for_backward(x2d, weight, bias, mean, rstd)
         ctx.config = (kw, group, hidden, backend, grad_group)
-        return y.view(x.shape)
+        return _like(y, x)
 
     @staticmethod
     def backward(ctx: Any, dy):
@@ -277,7 +285,7 @@ class CRMSNormFn(torch.autograd.Function):
         y = K.launcher("norm_fwd_with_stats", backend)(x2d, None, rstd, weight, None, **kw)
         ctx.save_for_backward(x2d, weight, rstd, total)
         ctx.config = (kw, stats_group, grad_group, d, backend)
-        return y.view(x.shape)
+        return _like(y, x)
 
     @staticmethod
     def backward(ctx: Any, dy):

@@ -76,7 +76,7 @@ def _gain(weight: torch.Tensor | None, zero_centered_gamma: bool, output_scale: 
     """The per-column multiplier of ``x_hat`` in ``ct``: ``(weight (+1)) * output_scale``; a float without weight."""
     if weight is None:
         return output_scale
-    w = weight.to(ct)
+    w = weight if weight.dtype == ct else weight.to(ct)
     if zero_centered_gamma:
         w = w + 1.0
     return w * output_scale if output_scale != 1.0 else w
@@ -94,7 +94,7 @@ def _gamma(weight: torch.Tensor | None, zero_centered_gamma: bool, output_scale:
 
 def _native_layer_norm(x2d: torch.Tensor) -> bool:
     """torch's fused LayerNorm takes float32 gamma with 16-bit input on the CPU only."""
-    return x2d.device.type == "cpu" or x2d.dtype == stats_dtype(x2d.dtype)
+    return x2d.is_cpu or x2d.dtype == stats_dtype(x2d.dtype)
 
 
 def _work(x2d: torch.Tensor, mean: torch.Tensor | None, rstd: torch.Tensor) -> torch.Tensor:
@@ -190,6 +190,10 @@ def _native_param_grads(
     """
     t, n = x2d.shape
     rows = max(1, min(t, _CHUNK_ELEMENTS // n))
+    if rows == t:  # one chunk: convert and go
+        _, dg, db = _aten.native_layer_norm_backward(dy.to(gamma.dtype), x2d.to(gamma.dtype), [n], mean2d, rstd2d,
+                                                     gamma, gamma, [False, *want])
+        return dg, db
     x_buf = torch.empty(rows, n, dtype=gamma.dtype, device=x2d.device)
     dy_buf = torch.empty_like(x_buf)
     dgamma = torch.zeros(n, dtype=gamma.dtype, device=x2d.device) if want[0] else None
@@ -219,7 +223,9 @@ def layer_norm_fwd(
     check_vector(bias, "bias", n, x2d.device, where)
     if _native_layer_norm(x2d):
         gamma = _gamma(weight, zero_centered_gamma, output_scale, n, x2d)
-        beta = None if bias is None else bias.to(gamma.dtype) * output_scale
+        beta = None if bias is None else bias if bias.dtype == gamma.dtype else bias.to(gamma.dtype)
+        if beta is not None and output_scale != 1.0:
+            beta = beta * output_scale
         y, mean, rstd = torch.native_layer_norm(x2d, (n,), gamma, beta, eps)
         return y, mean.view(-1), rstd.view(-1)
     stats = norm_partial_stats(x2d, rms=False)
@@ -244,17 +250,17 @@ def layer_norm_bwd(
         gamma = _gamma(weight, zero_centered_gamma, output_scale, n, x2d)
         mean2d, rstd2d = mean.view(-1, 1), rstd.view(-1, 1)
         want = [weight is not None, has_bias]
+        dy_x = dy if dy.dtype == x2d.dtype else dy.to(x2d.dtype)
         if x2d.dtype == gamma.dtype:  # float32 / float64: the native kernel accumulates dgamma in that dtype
             # the native backward reads beta only for its dtype and device; dbeta = Σ dy needs neither value
             dx, dgamma, dbeta = _aten.native_layer_norm_backward(
-                dy.to(x2d.dtype), x2d, [n], mean2d, rstd2d, gamma, gamma, [True, *want])
+                dy_x, x2d, [n], mean2d, rstd2d, gamma, gamma, [True, *want])
         else:  # 16-bit: its dgamma/dbeta buffers are 16-bit (layer_norm_kernel.cpp), so take only dx from it
-            dx = _aten.native_layer_norm_backward(dy.to(x2d.dtype), x2d, [n], mean2d, rstd2d, gamma, None,
-                                                  [True, False, False])[0]
-            dgamma, dbeta = _native_param_grads(dy, x2d, mean2d, rstd2d, gamma, want) if any(want) else (None, None)
+            dx = _aten.native_layer_norm_backward(dy_x, x2d, [n], mean2d, rstd2d, gamma, None, [True, False, False])[0]
+            dgamma, dbeta = _native_param_grads(dy_x, x2d, mean2d, rstd2d, gamma, want) if any(want) else (None, None)
         dw = None if dgamma is None else dgamma.mul_(output_scale) if output_scale != 1.0 else dgamma
         db = None if dbeta is None else dbeta.mul_(output_scale) if output_scale != 1.0 else dbeta
-        return dx.to(dy.dtype), dw, db
+        return dx if dx.dtype == dy.dtype else dx.to(dy.dtype), dw, db
     dx, _, dw, db = _bwd_core(dy, x2d, weight, mean, rstd, zero_centered_gamma, output_scale, sums=None, n_total=n,
                               want_dx=True, want_dw=weight is not None, want_db=has_bias)
     return dx, dw, db  # type: ignore[return-value]

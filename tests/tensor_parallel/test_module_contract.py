@@ -218,3 +218,23 @@ def test_local_layer_norm_runs_torchs_native_kernel(monkeypatch):
     for mod in (SequenceParallelLayerNorm(H), ShardedLayerNorm(H)):
         mod(torch.randn(3, H, dtype=torch.bfloat16)).sum().backward()
     assert calls == [torch.bfloat16, torch.bfloat16]  # one fused call per forward, on the bf16 input itself
+
+
+def _fold_rank(rank):
+    import distnorm as dn
+
+    model = nn.Sequential(SequenceParallelLayerNorm(8, group=dist.group.WORLD), nn.Linear(8, 4)).double().eval()
+    g = torch.Generator().manual_seed(0)  # the same parameters on every rank (replicated)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype))
+    x = torch.randn(3, 8, generator=g, dtype=torch.float64)
+    y = model(x)
+    dn.fold_norms(model, (x,))
+    return (model(x) - y).abs().max().item(), model[0].weight.detach().clone()
+
+
+def test_fold_norms_still_folds_a_sequence_parallel_norm_at_world_2():
+    """``normalized_shape`` became a tuple; ``fold_norms`` tells replicated from sharded parameters by ``hidden``."""
+    for err, weight in simulate(2, _fold_rank, timeout=60):
+        assert err < 1e-12 and torch.equal(weight, torch.ones(8, dtype=torch.float64))  # folded, then neutral

@@ -108,12 +108,16 @@ def _work(x2d: torch.Tensor, mean: torch.Tensor | None, rstd: torch.Tensor) -> t
 def _finish_y(x_hat: torch.Tensor, gain: torch.Tensor | float, bias: torch.Tensor | None, output_scale: float,
               dtype: torch.dtype) -> torch.Tensor:
     """``y = x_hat * gain + bias * output_scale`` in place on ``x_hat``, returned in ``dtype``."""
-    if isinstance(gain, torch.Tensor) or gain != 1.0:
+    if bias is not None:  # x_hat * gain + b in one pass
+        b = bias if bias.dtype == x_hat.dtype else bias.to(x_hat.dtype)
+        b = b * output_scale if output_scale != 1.0 else b
+        if isinstance(gain, torch.Tensor):
+            torch.addcmul(b, x_hat, gain, out=x_hat)
+        else:
+            x_hat.mul_(gain).add_(b)
+    elif isinstance(gain, torch.Tensor) or gain != 1.0:
         x_hat.mul_(gain)
-    if bias is not None:
-        b = bias.to(x_hat.dtype)
-        x_hat.add_(b * output_scale if output_scale != 1.0 else b)
-    return x_hat.to(dtype)
+    return x_hat if x_hat.dtype == dtype else x_hat.to(dtype)
 
 
 def _sumsq(xf: torch.Tensor) -> torch.Tensor:
@@ -153,17 +157,17 @@ def _bwd_core(
     gain = _gain(weight, zero_centered_gamma, output_scale, ct)
     x_hat = _work(x2d, mean, rstd)
     dyf = dy if dy.dtype == ct else dy.to(ct)
-    prod = dyf * x_hat
-    dw = prod.sum(0).mul_(output_scale) if want_dw else None
+    prod = dyf * x_hat if want_dw or sums is None else None  # dy * x_hat: dW and the local Σg·x_hat
+    dw = prod.sum(0).mul_(output_scale) if prod is not None and want_dw else None
     db = dyf.sum(0).mul_(output_scale) if want_db else None
     if sums is None:
-        s_gx = _row_sums(prod, gain)
+        s_gx = _row_sums(prod, gain)  # type: ignore[arg-type]
         local = s_gx.unsqueeze(-1) if mean is None else torch.stack([_row_sums(dyf, gain), s_gx], dim=-1)
     else:
-        local = sums.to(ct)
+        local = sums if sums.dtype == ct else sums.to(ct)
     if not want_dx:
         return None, local, dw, db
-    g = torch.mul(dyf, gain, out=prod)  # prod is no longer needed: reuse its memory
+    g = dyf * gain if prod is None else torch.mul(dyf, gain, out=prod)  # prod is no longer needed: reuse it
     g.addcmul_(x_hat, local[:, -1:], value=-1.0 / n_total)
     if mean is not None:
         g.sub_(local[:, :1] / n_total)

@@ -29,6 +29,7 @@ from distnorm.tensor_parallel._common import DeferredGradSync, NormBase, check_i
 __all__ = ["CRMSNorm", "SingleScaleRMSNorm", "layer_norm_scaling"]
 
 PARALLEL_FORMS = ("sequence", "sharded")
+_CRMSNormFn = CRMSNormFn  # the name before the Functions moved to distnorm.kernels
 
 
 def layer_norm_scaling(layer_index: int) -> float:

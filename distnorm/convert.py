@@ -316,7 +316,7 @@ def _affine_of(norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, Call
     if not is_norm or not isinstance(weight, torch.Tensor) or weight.numel() <= 1:
         return None
     if getattr(module, "group", None) is not None and group_size(module.group) > 1 and weight.numel() != \
-            getattr(module, "normalized_shape", weight.numel()):
+            getattr(module, "hidden", weight.numel()):
         return None  # hidden-sharded: the consumer sees all columns, this rank only its slice
     scale = weight.detach().double() + (1.0 if zero_centered else 0.0)
     out_scale = float(getattr(module, "output_scale", 1.0))

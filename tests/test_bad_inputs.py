@@ -116,9 +116,17 @@ def test_tp_norm_invalid_eps(name, eps, msg):
         TP_NORMS[name](eps=eps)
 
 
-@pytest.mark.parametrize("cls", [SequenceParallelLayerNorm, SequenceParallelRMSNorm, ShardedLayerNorm,
-                                 ShardedRMSNorm, SingleScaleRMSNorm, CRMSNorm])
-@pytest.mark.parametrize("shape", [0, -3, 8.0, (8, 8)], ids=["zero", "negative", "float", "two_dims"])
+_TP_NORM_CLASSES = [SequenceParallelLayerNorm, SequenceParallelRMSNorm, ShardedLayerNorm, ShardedRMSNorm,
+                    SingleScaleRMSNorm, CRMSNorm]
+_BAD_SHAPES = {"zero": 0, "negative": -3, "float": 8.0, "two_dims": (8, 8), "empty": (), "bool": True}
+
+
+@pytest.mark.parametrize(
+    "cls,shape",
+    [pytest.param(cls, shape, id=f"{sid}-{cls.__name__}") for sid, shape in _BAD_SHAPES.items()
+     for cls in _TP_NORM_CLASSES
+     # the sequence-parallel norms take several trailing dims, as nn.LayerNorm does
+     if not (sid == "two_dims" and cls in (SequenceParallelLayerNorm, SequenceParallelRMSNorm))])
 def test_tp_norm_invalid_normalized_shape(cls, shape):
     with pytest.raises(ValueError, match=rf"{cls.__name__}: normalized_shape must be a positive int .*got {shape!r}".replace("(", r"\(").replace(")", r"\)")):
         cls(shape)

@@ -96,7 +96,7 @@ def test_sharded_norm_with_a_different_token_count_raises_on_every_rank(world):
     msgs = simulate(world, _sharded_norm_token_mismatch, world, timeout=TIMEOUT)
     for msg in msgs:
         assert msg is not None and "before all_reduce" in msg
-        assert "called from: distnorm.tensor_parallel.sharded._ShardedNormFn.forward (all ranks)" in msg
+        assert "called from: distnorm.kernels.autograd.ShardedNormFn.forward (all ranks)" in msg
         assert "rank 1: (7, 2)" in msg and "rank 0: (6, 2)" in msg
 
 

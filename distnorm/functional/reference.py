@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 __all__ = [
+    "add_rms_norm_ref",
     "batch_norm_ref",
     "effective_weight_ref",
     "layer_norm_ref",
@@ -70,6 +71,24 @@ def rms_norm_ref(
     if w is not None:
         y = y * w
     return y * output_scale
+
+
+def add_rms_norm_ref(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    eps: float = 1e-6,
+    *,
+    zero_centered_gamma: bool = False,
+    output_scale: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Residual add + RMSNorm in float64: ``(rms_norm_ref(x + residual), x + residual)``.
+
+    ``x, residual [*, H] -> (y [*, H], residual_out [*, H])``, both float64.
+    """
+    residual_out = x.double() + residual.double()
+    return rms_norm_ref(residual_out, weight, eps, zero_centered_gamma=zero_centered_gamma,
+                        output_scale=output_scale), residual_out
 
 
 def _channels_last(x: torch.Tensor, channel_dim: int) -> torch.Tensor:

@@ -1,6 +1,20 @@
-"""Local norm kernels: Triton on CUDA, plain torch elsewhere, one signature for both.
+"""LayerNorm / RMSNorm / add+RMSNorm: the one home of the local and tensor-parallel norm math.
 
-Every function takes ``backend="auto" | "triton" | "torch"``:
+Per op, one path (Liger-Kernel's ``ops/`` layout; flash-attention's ``ops/triton/layer_norm.py``):
+
+=================================  ===============================================================
+``distnorm.functional.reference``  float64 references (``layer_norm_ref``, ``rms_norm_ref``,
+                                   ``add_rms_norm_ref``): the ground truth of every test
+``kernels/torch_ops.py``           the one torch implementation (torch's native LayerNorm kernels;
+                                   allocation-lean composites for RMSNorm and the sharded pieces)
+``kernels/norm.py``, ``sharded.py``  the Triton kernels and their launchers (imported on first use)
+``kernels/__init__.py`` (here)     the one dispatcher: ``resolve_backend`` + ``launcher``
+``kernels/autograd.py``            the autograd Functions of the local, sequence-parallel and
+                                   hidden-sharded forms, and their functional entry points
+``distnorm.tensor_parallel``       thin modules: parameters, checks, one-line ``forward``
+=================================  ===============================================================
+
+Every launcher below takes ``backend="auto" | "triton" | "torch"``:
 
 - ``"auto"``: the Triton kernels when ``x2d`` is a CUDA tensor, Triton imports, and the kernels
   support the call (dtype float32/bfloat16/float16, a row of at most 64 KiB); else torch.
@@ -8,14 +22,13 @@ Every function takes ``backend="auto" | "triton" | "torch"``:
   a CPU tensor without ``TRITON_INTERPRET=1``, an unsupported dtype or row size).
 - ``"torch"``: :mod:`distnorm.kernels.torch_ops`.
 
-Triton is imported on the first call that selects it, never at import time; nothing here reads
-the environment or queries a device at import. The contract (``x2d [T, N]`` with unit stride along
-``N``, statistics float32 ``[T]``, outputs in x's dtype, ``dw``/``db`` in weight's dtype) is the
-same for both backends; see ``docs/kernels.md``.
-
-On top sit the autograd functions :class:`LayerNormFn`, :class:`RMSNormFn`, :class:`AddRMSNormFn`
-(local: no communication) and their functional wrappers :func:`layer_norm`, :func:`rms_norm`,
-:func:`add_rms_norm` for inputs ``[*, N]``.
+The autograd Functions resolve the backend once per call (in the forward) and reuse it in the
+backward. Triton is imported on the first call that selects it, never at import time; nothing here
+reads the environment or queries a device at import. The contract (``x2d [T, N]`` with unit stride
+along ``N``; statistics float32 ``[T]``, float64 for float64 inputs; outputs in x's dtype;
+``dw``/``db`` float32 (float64 for float64 inputs), cast to the parameter dtype by the Functions
+after any cross-rank sum) is the same for both backends; see ``docs/kernels.md`` and
+``docs/precision.md``.
 """
 
 from __future__ import annotations
@@ -30,15 +43,19 @@ import torch
 
 from distnorm.kernels import torch_ops
 from distnorm.kernels._checks import KERNEL_DTYPES, fail
+from distnorm.kernels.torch_ops import stats_dtype
 
 __all__ = [
     "AddRMSNormFn",
     "Backend",
+    "CRMSNormFn",
     "LayerNormFn",
     "RMSNormFn",
+    "ShardedNormFn",
     "add_rms_norm",
     "add_rms_norm_bwd",
     "add_rms_norm_fwd",
+    "launcher",
     "layer_norm",
     "layer_norm_bwd",
     "layer_norm_fwd",
@@ -50,6 +67,9 @@ __all__ = [
     "rms_norm",
     "rms_norm_bwd",
     "rms_norm_fwd",
+    "sequence_parallel_norm",
+    "sharded_norm",
+    "stats_dtype",
     "triton_available",
 ]
 
@@ -103,11 +123,15 @@ def resolve_backend(x2d: torch.Tensor, backend: str = "auto", *, where: str = "r
     fail(ValueError, where, "backend", repr(backend), "'auto', 'triton' or 'torch'")
 
 
-def _impl(name: str, x2d: torch.Tensor, backend: str) -> Any:
-    if resolve_backend(x2d, backend, where=name) == "torch":
+def launcher(name: str, resolved: str) -> Any:
+    """The implementation of launcher ``name`` for an already resolved backend (``"torch"`` / ``"triton"``)."""
+    if resolved == "torch":
         return getattr(torch_ops, name)
-    module = "sharded" if name.startswith("norm_") else "norm"
-    return getattr(_triton_module(module), name)
+    return getattr(_triton_module("sharded" if name.startswith("norm_") else "norm"), name)
+
+
+def _impl(name: str, x2d: torch.Tensor, backend: str) -> Any:
+    return launcher(name, resolve_backend(x2d, backend, where=name))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -209,9 +233,13 @@ def norm_bwd_finish(
 
 from distnorm.kernels.autograd import (  # noqa: E402  (the Functions dispatch through the names above)
     AddRMSNormFn,
+    CRMSNormFn,
     LayerNormFn,
     RMSNormFn,
+    ShardedNormFn,
     add_rms_norm,
     layer_norm,
     rms_norm,
+    sequence_parallel_norm,
+    sharded_norm,
 )

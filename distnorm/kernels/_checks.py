@@ -1,4 +1,4 @@
-"""Argument checks shared by the Triton launchers and the torch fallbacks (same errors on both)."""
+"""Argument checks: the launchers' (same errors on the Triton and torch paths) and the norms' entry points."""
 
 from __future__ import annotations
 
@@ -6,9 +6,19 @@ from typing import NoReturn
 
 import torch
 
-from distnorm.comm import _global_rank
+from distnorm.comm import Group, _global_rank, group_rank, group_size, shard_sizes
 
-__all__ = ["KERNEL_DTYPES", "check_2d", "check_stats", "check_vector", "fail"]
+__all__ = [
+    "GRAD_SYNC_MODES",
+    "KERNEL_DTYPES",
+    "check_2d",
+    "check_norm_inputs",
+    "check_stats",
+    "check_vector",
+    "fail",
+    "local_shard_size",
+    "where_in",
+]
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -79,3 +89,59 @@ def check_stats(
         fail(ValueError, where, f"{name}.device", t.device, f"x2d's device {device}")
     if not t.is_contiguous():
         fail(ValueError, where, f"{name}.stride()", t.stride(), "a contiguous tensor")
+
+
+# ----------------------------------------------------------------------------------------------
+# checks of the norms' functional entry points and modules (shape and dtype metadata only: no host
+# sync, so they stay inside a torch.compile graph)
+
+GRAD_SYNC_MODES = ("backward", "deferred")
+
+
+def where_in(group: Group) -> str:
+    """``(rank r of P)``, the tail of every error message of a norm bound to ``group``."""
+    return f"(rank {group_rank(group)} of {group_size(group)})"
+
+
+def local_shard_size(hidden: int, group: Group, *, cls: str = "sharded norm") -> int:
+    """This rank's column count ``shard_sizes(hidden, P)[rank]``; ValueError if a rank would get none."""
+    world = group_size(group)
+    if world > hidden:
+        raise ValueError(
+            f"{cls}: a group of size {world} does not fit normalized_shape = {hidden}: every rank needs "
+            f"at least one hidden column (group size <= {hidden}) {where_in(group)}"
+        )
+    return shard_sizes(hidden, world)[group_rank(group)]
+
+
+def check_norm_inputs(
+    cls: str,
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    expected_last: int,
+    what: str,
+    group: Group,
+) -> None:
+    """Dtype, device and last-dim checks on a norm's forward operands."""
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
+        raise TypeError(f"{cls}: x must be a floating-point tensor, got {got} {where_in(group)}")
+    if x.dim() == 0 or x.shape[-1] != expected_last:
+        raise ValueError(
+            f"{cls}: x last dim must be {what} = {expected_last}, got shape {tuple(x.shape)} {where_in(group)}"
+        )
+    for name, p in (("weight", weight), ("bias", bias)):
+        if p is None:
+            continue
+        if p.device != x.device:
+            raise ValueError(
+                f"{cls}: {name} must be on x's device {x.device}, got {name} on {p.device} {where_in(group)}"
+            )
+        if not p.is_floating_point():
+            raise TypeError(f"{cls}: {name} must be floating point, got {p.dtype} {where_in(group)}")
+    if weight is not None and bias is not None and weight.dtype != bias.dtype:
+        raise TypeError(
+            f"{cls}: weight and bias must share a dtype, got weight {weight.dtype} and bias {bias.dtype} "
+            f"{where_in(group)}"
+        )

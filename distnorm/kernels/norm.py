@@ -25,8 +25,10 @@ Design and limits:
   The residual sum is rounded to ``residual_out``'s dtype *before* the statistics, so
   ``y == rms_norm(residual_out)`` exactly as the backward (which re-reads ``residual_out``) sees it.
 - dW/dB: the backward grid is a fixed number of programs (2 per SM on CUDA); each loops over a
-  contiguous range of rows and writes one partial row (float64 for float32 inputs, else float32); the launcher sums the partial rows
-  with one ``torch.sum``. No atomics: results are bitwise reproducible run to run.
+  contiguous range of rows and writes one partial row (float64 for float32 inputs, else float32); the
+  launcher sums the partial rows with one ``torch.sum`` and returns float32 dW/dB, which the autograd
+  Functions reduce over ranks before the one cast to the parameter dtype. No atomics: results are
+  bitwise reproducible run to run.
 - Per-row scalars use IEEE ``sqrt_rn`` / ``div_rn`` (they cost nothing in a memory-bound kernel).
 
 Launchers take 2-D ``[T, N]`` tensors with unit stride along ``N`` (any row stride) and validate
@@ -357,8 +359,9 @@ def norm_bwd(
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """The one backward launcher: ``(dx | None, dw | None, db | None, sums | None)``.
 
-    ``mean is None`` = RMSNorm. ``dx`` in dy's dtype; ``dw`` / ``db`` in weight's dtype (float32
-    when there is no weight), reduced from per-program float32 partial rows by one ``torch.sum``.
+    ``mean is None`` = RMSNorm. ``dx`` in dy's dtype; ``dw`` / ``db`` float32 whatever the weight's
+    dtype (the caller sums them over ranks first and casts once: docs/precision.md), reduced from
+    the per-program partial rows by one ``torch.sum``.
     ``store_sums`` returns the per-row float32 ``[T, 2 | 1]`` backward sums instead of using them;
     ``sums`` given (with ``n_total``) uses those for ``dx``.
     """
@@ -407,7 +410,7 @@ def norm_bwd(
                 BLOCK_N=block_n,
                 num_warps=num_warps,
             )
-    grad_dtype = weight.dtype if weight is not None else torch.float32
+    grad_dtype = torch.float32  # never the weight's dtype: a bf16 partial would be rounded before the all-reduce
     dw = None
     db = None
     if dw_partial is not None:
@@ -447,7 +450,7 @@ def layer_norm_bwd(
     output_scale: float = 1.0,
     has_bias: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """LayerNorm backward: ``(dx [T, N] dy.dtype, dw [N] | None, db [N] | None)`` (weight's dtype)."""
+    """LayerNorm backward: ``(dx [T, N] dy.dtype, dw [N] | None, db [N] | None)`` (dw/db float32)."""
     if mean is None:
         fail(ValueError, "layer_norm_bwd", "mean", None, "the float32 [T] mean saved by layer_norm_fwd")
     dx, dw, db, _ = norm_bwd(dy, x2d, weight, mean, rstd, compute_dw=weight is not None, compute_db=has_bias,
@@ -479,7 +482,7 @@ def rms_norm_bwd(
     zero_centered_gamma: bool = False,
     output_scale: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """RMSNorm backward: ``(dx [T, N] dy.dtype, dw [N] weight.dtype | None)``."""
+    """RMSNorm backward: ``(dx [T, N] dy.dtype, dw [N] float32 | None)``."""
     dx, dw, _, _ = norm_bwd(dy, x2d, weight, None, rstd, compute_dw=weight is not None, compute_db=False,
                             zero_centered_gamma=zero_centered_gamma, output_scale=output_scale,
                             where="rms_norm_bwd")

@@ -37,8 +37,8 @@ all-reduce, reduce-scatter and peer-read all-gather, issued on one dedicated com
 ``torch.distributed._symmetric_memory.enable_symm_mem_for_group`` and it is usable, else the
 group's backend).
 
-The local add+RMSNorm is :func:`add_rms_norm` (torch, fp32 statistics) on the CPU and the fused
-Triton kernel (``distnorm.kernels.add_rms_norm``) on CUDA; ``_add_rms_norm_local`` picks.
+The local add+RMSNorm is ``distnorm.kernels.add_rms_norm`` (the one add+RMSNorm of distnorm: its
+torch path on the CPU, the fused Triton kernel on CUDA).
 """
 
 from __future__ import annotations
@@ -48,9 +48,8 @@ from typing import Any, Literal, Protocol
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
-from distnorm import comm
+from distnorm import comm, kernels
 from distnorm.comm import Group, PendingCollective, group_rank, group_size, shard_sizes
 
 __all__ = [
@@ -90,37 +89,23 @@ def add_rms_norm(
     ``residual_out = h [T, H]``, both in ``x.dtype``. The add and the statistics run in float32
     (float64 for float64 input); ``h`` is rounded to ``x.dtype`` *before* it is normalised, so the
     norm sees exactly the residual the next block adds to (as vLLM's/TokenWeave's kernels do).
-    Differentiable in all three tensors.
+    Differentiable in all three tensors. The op is :func:`distnorm.kernels.add_rms_norm`.
     """
-    cdtype = _compute_dtype(x.dtype)
-    residual_out = (x.to(cdtype) + residual.to(cdtype)).to(x.dtype)
-    h = residual_out.to(cdtype)
-    rstd = torch.rsqrt(h.square().mean(dim=-1, keepdim=True) + eps)
-    y = h * rstd
-    if weight is not None:
-        y = y * weight.to(cdtype)
-    return y.to(x.dtype), residual_out
+    return kernels.add_rms_norm(x, residual, weight, eps)
 
 
 def _add_rms_norm_local(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The fused local op of the gloo/nccl/symm_mem backends: the Triton kernel on CUDA, torch elsewhere."""
-    if x.is_cuda:
-        from distnorm import kernels
-
-        return kernels.add_rms_norm(x, residual, weight, eps)
-    return add_rms_norm(x, residual, weight, eps)
+    return kernels.add_rms_norm(x, residual, weight, eps)
 
 
 def _add_rms_norm_unfused(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``"torch"`` backend's reference composition: a plain add, then ``F.rms_norm``."""
-    residual_out = x + residual
-    h = residual_out.to(_compute_dtype(x.dtype))
-    w = None if weight is None else weight.to(h.dtype)
-    return F.rms_norm(h, (h.shape[-1],), w, eps).to(x.dtype), residual_out
+    """The ``"torch"`` backend's local op: the same add+RMSNorm on its torch path (no Triton)."""
+    return kernels.add_rms_norm(x, residual, weight, eps, backend="torch")
 
 
 # --------------------------------------------------------------------------------------------

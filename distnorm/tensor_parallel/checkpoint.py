@@ -45,7 +45,7 @@ def shard_layout(model: nn.Module) -> dict[str, tuple[int, int, Group]]:
     for prefix, module in model.named_modules():
         specs: dict[str, tuple[int, int]] = {}
         if isinstance(module, ShardedNorm) or (isinstance(module, CRMSNorm) and module.parallel == "sharded"):
-            specs = {"weight": (0, module.normalized_shape), "bias": (0, module.normalized_shape)}
+            specs = {"weight": (0, module.hidden), "bias": (0, module.hidden)}
         elif isinstance(module, ColumnParallelLinear):
             specs = {"weight": (0, module.out_features), "bias": (0, module.out_features)}
         elif isinstance(module, RowParallelLinear):

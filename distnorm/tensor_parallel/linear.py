@@ -13,13 +13,17 @@ Tokens live on ``sequence_dim`` (default 0: ``[tokens, hidden]`` or ``[seq, batc
   partial sums still add up to the full output).
 
 Both initialise from a *full* weight drawn with the same generator on every rank and keep their
-slice, so a TP model starts identical to its one-device twin. ``from_full`` / ``full_weight``
-convert between full and sharded parameters.
+slice, so a TP model starts identical to its one-device twin. ``reset_parameters()`` draws again
+from the generator's state at construction, so meta-device init (``device="meta"`` →
+``to_empty()`` → ``reset_parameters()``) gives exactly the freshly constructed values (as
+``nn.Linear``, nothing is drawn on the meta device). ``from_full`` / ``full_weight`` convert between
+full and sharded parameters.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +31,7 @@ from torch import nn
 
 from distnorm import comm
 from distnorm.comm import Group, group_rank, group_size, shard_sizes
+from distnorm.tensor_parallel._common import ShapeChecked
 
 __all__ = ["ColumnParallelLinear", "RowParallelLinear"]
 
@@ -48,6 +53,34 @@ def _init_full(out_features: int, in_features: int, bias: bool, generator: torch
     if bias:
         b = torch.empty(out_features, dtype=w.dtype).uniform_(-bound, bound, generator=generator)
     return w, b
+
+
+class _ShardedInit(ShapeChecked):
+    """``reset_parameters`` and shape checks of the parallel linears: redraw the full init, keep this rank's slice."""
+
+    weight: nn.Parameter
+    bias: nn.Parameter | None
+    in_features: int
+    out_features: int
+    _init_state: torch.Tensor | None
+
+    def _local(self, w: torch.Tensor, b: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        raise NotImplementedError
+
+    def reset_parameters(self) -> None:
+        """nn.Linear's init of the full weight (U(±1/sqrt(in))), from the construction-time generator state."""
+        if self.weight.device.type == "meta":
+            return
+        generator = None
+        if self._init_state is not None:
+            generator = torch.Generator()
+            generator.set_state(self._init_state)
+        w, b = _init_full(self.out_features, self.in_features, self.bias is not None, generator, self.weight.dtype)
+        w, b = self._local(w, b)
+        with torch.no_grad():
+            self.weight.copy_(w)
+            if self.bias is not None and b is not None:
+                self.bias.copy_(b)
 
 
 def _check_positive(name: str, value: object, cls: str, group: Group) -> int:
@@ -72,7 +105,7 @@ def _check_last_dim(x: torch.Tensor, expected: int, what: str, cls: str, group: 
         )
 
 
-class ColumnParallelLinear(nn.Module):
+class ColumnParallelLinear(_ShardedInit, nn.Module):
     """``y_shard = x @ W_shard^T + b_shard``; output features split over ``group``.
 
     Shapes: ``x [*, in]`` (replicated) or, with ``sequence_parallel``, ``x_shard`` with this rank's
@@ -88,10 +121,21 @@ class ColumnParallelLinear(nn.Module):
         self.in_features = _check_positive("in_features", in_features, "ColumnParallelLinear", group)
         self.out_features = _check_positive("out_features", out_features, "ColumnParallelLinear", group)
         self.group, self.sequence_parallel, self.sequence_dim = group, sequence_parallel, sequence_dim
-        w, b = _init_full(out_features, in_features, bias, generator, dtype)
-        rows = _rank_slice(out_features, group)
-        self.weight = nn.Parameter(w[rows].to(device=device).contiguous())
-        self.bias = nn.Parameter(b[rows].to(device=device).contiguous()) if b is not None else None
+        self._init_state = None if generator is None else generator.get_state()
+        rows = shard_sizes(out_features, group_size(group))[group_rank(group)]
+        factory: dict[str, Any] = {"dtype": dtype or torch.get_default_dtype(), "device": device}
+        self.weight = nn.Parameter(torch.empty(rows, in_features, **factory))
+        self.bias = nn.Parameter(torch.empty(rows, **factory)) if bias else None
+        self.reset_parameters()
+
+    def _local(self, w: torch.Tensor, b: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        rows = _rank_slice(self.out_features, self.group)
+        return w[rows], None if b is None else b[rows]
+
+    def expected_shapes(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        rows = shard_sizes(self.out_features, group_size(self.group))[group_rank(self.group)]
+        what = f"this rank's rows shard_sizes({self.out_features}, {group_size(self.group)})"
+        return {"weight": ((rows, self.in_features), what), "bias": ((rows,), what)}
 
     @classmethod
     def from_full(cls, weight: torch.Tensor, bias: torch.Tensor | None = None, **kwargs: object) -> ColumnParallelLinear:
@@ -114,6 +158,7 @@ class ColumnParallelLinear(nn.Module):
         """``num_tokens``: the global token count, needed with ``sequence_parallel`` when it does
         not divide evenly (shards then follow ``shard_sizes(num_tokens, P)``); ``None`` means every
         rank holds as many tokens as this one."""
+        self.check_parameters()
         _check_last_dim(x, self.in_features, "in_features", "ColumnParallelLinear", self.group, self.weight)
         if self.sequence_parallel:
             sizes = None if num_tokens is None else shard_sizes(num_tokens, group_size(self.group))
@@ -128,7 +173,7 @@ class ColumnParallelLinear(nn.Module):
                 f"sequence_parallel={self.sequence_parallel}, group_size={group_size(self.group)}")
 
 
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(_ShardedInit, nn.Module):
     """``y = sum_r x_shard_r @ W_shard_r^T + b``; input features split over ``group``.
 
     Shapes: ``x_shard [*, in_local]`` -> ``y [*, out]`` (all tokens), or with
@@ -154,10 +199,20 @@ class RowParallelLinear(nn.Module):
             )
         self.group, self.sequence_parallel, self.sequence_dim = group, sequence_parallel, sequence_dim
         self.reduce_output = reduce_output
-        w, b = _init_full(out_features, in_features, bias, generator, dtype)
+        self._init_state = None if generator is None else generator.get_state()
         self.in_local = _rank_slice(in_features, group)
-        self.weight = nn.Parameter(w[:, self.in_local].to(device=device).contiguous())
-        self.bias = nn.Parameter(b.to(device=device)) if b is not None else None
+        factory: dict[str, Any] = {"dtype": dtype or torch.get_default_dtype(), "device": device}
+        self.weight = nn.Parameter(torch.empty(out_features, self.in_local.stop - self.in_local.start, **factory))
+        self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
+        self.reset_parameters()
+
+    def _local(self, w: torch.Tensor, b: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return w[:, self.in_local], b
+
+    def expected_shapes(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        cols = self.in_local.stop - self.in_local.start
+        what = f"this rank's columns shard_sizes({self.in_features}, {group_size(self.group)}); bias replicated"
+        return {"weight": ((self.out_features, cols), what), "bias": ((self.out_features,), what)}
 
     @classmethod
     def from_full(cls, weight: torch.Tensor, bias: torch.Tensor | None = None, **kwargs: object) -> RowParallelLinear:
@@ -176,6 +231,7 @@ class RowParallelLinear(nn.Module):
                                       sizes=shard_sizes(self.in_features, group_size(self.group)))
 
     def forward(self, x_shard: torch.Tensor) -> torch.Tensor:
+        self.check_parameters()
         _check_last_dim(x_shard, self.weight.shape[1], "the local in_features shard", "RowParallelLinear", self.group,
                         self.weight)
         partial = F.linear(x_shard, self.weight)

@@ -18,28 +18,18 @@ With ``group`` None or of size 1 the two forms are the same one-device op.
 from __future__ import annotations
 
 import math
-from typing import Any, cast
 
 import torch
 from torch import nn
 
-from distnorm import comm
 from distnorm.comm import Group, group_size
-from distnorm.functional.layer_norm import norm_bwd_finish, norm_bwd_partial, norm_fwd_with_stats, stats_dtype
-from distnorm.tensor_parallel._common import (
-    DeferredGradSync,
-    NormBase,
-    check_inputs,
-    check_normalized_shape,
-    run_on_local,
-    where,
-)
-from distnorm.tensor_parallel.sequence_parallel import local_norm
-from distnorm.tensor_parallel.sharded import _ShardedNormFn, local_shard_size
+from distnorm.kernels.autograd import CRMSNormFn, RMSNormFn, ShardedNormFn
+from distnorm.tensor_parallel._common import DeferredGradSync, NormBase, check_inputs, run_on_local, where
 
 __all__ = ["CRMSNorm", "SingleScaleRMSNorm", "layer_norm_scaling"]
 
 PARALLEL_FORMS = ("sequence", "sharded")
+_CRMSNormFn = CRMSNormFn  # the name before the Functions moved to distnorm.kernels
 
 
 def layer_norm_scaling(layer_index: int) -> float:
@@ -70,74 +60,35 @@ class SingleScaleRMSNorm(NormBase, DeferredGradSync):
 
     has_bias_option = False
 
-    def __init__(self, normalized_shape: int, eps: float = 1e-6, *, parallel: str = "sequence",
+    def __init__(self, normalized_shape: int | tuple[int], eps: float = 1e-6, *, parallel: str = "sequence",
                  zero_centered_gamma: bool = False, output_scale: float = 1.0, grad_sync: str = "backward",
                  group: Group = None, dtype: torch.dtype | None = None,
                  device: torch.device | str | None = None) -> None:
         cls = "SingleScaleRMSNorm"
-        self_parallel = _check_parallel(cls, parallel, group)
-        hidden = check_normalized_shape(cls, normalized_shape, group)
-        local = (lambda h: h) if self_parallel == "sequence" else (lambda h: local_shard_size(h, group, cls=cls))
-        super().__init__(cls, hidden, eps, False, False, local_size=local, zero_centered_gamma=zero_centered_gamma,
-                         output_scale=output_scale, group=group, dtype=dtype, device=device)
-        self.parallel = self_parallel
+        sharded = _check_parallel(cls, parallel, group) == "sharded"
+        super().__init__(cls, normalized_shape, eps, False, False, sharded=sharded, single_scale=True,
+                         zero_centered_gamma=zero_centered_gamma, output_scale=output_scale, group=group,
+                         dtype=dtype, device=device)
+        self.parallel = parallel
         self.init_grad_sync(cls, grad_sync, group)
-        self.weight = nn.Parameter(torch.empty(1, dtype=dtype, device=device))
-        self.reset_parameters()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         cls, sharded = type(self).__name__, self.parallel == "sharded"
-        alpha = comm.copy_to_group(cast(torch.Tensor, self.weight), self.group if self.grad_sync == "backward" else None)
+        self.check_parameters()
+        alpha, grad_group, zcg, s = self.weight, self.grad_group(), self.zero_centered_gamma, self.output_scale
 
         def fn(x_local: torch.Tensor) -> torch.Tensor:
-            check_inputs(cls, x_local, self.weight, None, self.local_size, "the local hidden size", self.group)
-            gain = alpha.expand(self.local_size)
+            check_inputs(cls, x_local, alpha, None, self.local_size, "the local hidden size", self.group)
             if sharded and group_size(self.group) > 1:
-                return _ShardedNormFn.apply(x_local, gain, None, self.eps, True, self.zero_centered_gamma,
-                                            self.output_scale, self.group, self.normalized_shape)
-            return local_norm(x_local, gain, None, self.eps, rms=True, zero_centered_gamma=self.zero_centered_gamma,
-                              output_scale=self.output_scale)
+                return ShardedNormFn.apply(x_local, alpha, None, self.eps, True, zcg, s, self.group, self.hidden,
+                                           "auto", grad_group)
+            return RMSNormFn.apply(x_local, alpha, self.eps, zcg, s, "auto", grad_group)
 
         return run_on_local(x, fn, sharded_hidden=sharded, cls=cls, group=self.group, local_hidden=self.local_size)
 
     def extra_repr(self) -> str:
         return (super().extra_repr().replace("elementwise_affine=False", "single scale α")
                 + f", parallel={self.parallel!r}, grad_sync={self.grad_sync!r}")
-
-
-class _CRMSNormFn(torch.autograd.Function):
-    """``y = x · rstd · w``, ``rstd = ((Σx² + (Σx)²)/d + eps)^-1/2``; sums over all shards.
-
-    Backward: ``dx = rstd · (g - (x_hat + S·rstd) · Σ(g·x_hat) / d)``, ``S = Σx``, ``g = dy·w·s``.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor | None, eps: float, zero_centered_gamma: bool,
-                output_scale: float, stats_group: Group, grad_group: Group, d: int) -> torch.Tensor:
-        x2d = x.reshape(-1, x.shape[-1])
-        xf = x2d.to(stats_dtype(x2d.dtype))
-        stats = torch.stack([xf.square().sum(dim=-1), xf.sum(dim=-1)], dim=-1)  # [T, 2]: Σx², Σx
-        comm.all_reduce_(stats, stats_group)
-        total = stats[:, 1]
-        rstd = torch.rsqrt((stats[:, 0] + total.square()) / d + eps)
-        kw = {"zero_centered_gamma": zero_centered_gamma, "output_scale": output_scale}
-        y = norm_fwd_with_stats(x2d, None, rstd, weight, None, **kw)  # type: ignore[arg-type]
-        ctx.save_for_backward(x2d, weight, rstd, total)
-        ctx.kw, ctx.stats_group, ctx.grad_group, ctx.d = kw, stats_group, grad_group, d
-        return y.view(x.shape)
-
-    @staticmethod
-    def backward(ctx: Any, dy: torch.Tensor) -> tuple[Any, ...]:
-        x2d, weight, rstd, total = ctx.saved_tensors
-        dy2d = dy.reshape(x2d.shape)
-        sums, dw, _ = norm_bwd_partial(dy2d, x2d, weight, None, rstd, **ctx.kw)  # [T, 1]: Σg·x_hat
-        comm.all_reduce_(sums, ctx.stats_group)
-        # x_hat + S·rstd = (x + S)·rstd: the RMSNorm finish on the shifted input is CRMSNorm's dx
-        shifted = x2d.to(rstd.dtype) + total.unsqueeze(-1)
-        dx = norm_bwd_finish(dy2d, shifted, weight, None, rstd, sums, ctx.d, **ctx.kw).to(x2d.dtype)
-        if dw is not None:
-            dw = comm.all_reduce_(dw, ctx.grad_group).to(weight.dtype)
-        return dx.view(dy.shape), dw, None, None, None, None, None, None
 
 
 class CRMSNorm(NormBase, DeferredGradSync):
@@ -152,17 +103,16 @@ class CRMSNorm(NormBase, DeferredGradSync):
 
     has_bias_option = False
 
-    def __init__(self, normalized_shape: int, eps: float = 1e-6, elementwise_affine: bool = True, *,
+    def __init__(self, normalized_shape: int | tuple[int], eps: float = 1e-6, elementwise_affine: bool = True, *,
                  parallel: str = "sequence", zero_centered_gamma: bool = False, output_scale: float = 1.0,
                  grad_sync: str = "backward", group: Group = None, dtype: torch.dtype | None = None,
                  device: torch.device | str | None = None) -> None:
         cls = "CRMSNorm"
-        self_parallel = _check_parallel(cls, parallel, group)
-        local = (lambda h: h) if self_parallel == "sequence" else (lambda h: local_shard_size(h, group, cls=cls))
-        super().__init__(cls, normalized_shape, eps, elementwise_affine, False, local_size=local,
+        sharded = _check_parallel(cls, parallel, group) == "sharded"
+        super().__init__(cls, normalized_shape, eps, elementwise_affine, False, sharded=sharded,
                          zero_centered_gamma=zero_centered_gamma, output_scale=output_scale, group=group,
                          dtype=dtype, device=device)
-        self.parallel = self_parallel
+        self.parallel = parallel
         self.init_grad_sync(cls, grad_sync, group)
 
     def deferred_parameters(self) -> list[nn.Parameter]:
@@ -170,13 +120,14 @@ class CRMSNorm(NormBase, DeferredGradSync):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         cls, sharded = type(self).__name__, self.parallel == "sharded"
+        self.check_parameters()
         stats_group = self.group if sharded else None
-        grad_group = self.group if not sharded and self.grad_sync == "backward" else None
+        grad_group = None if sharded else self.grad_group()
 
         def fn(x_local: torch.Tensor) -> torch.Tensor:
             check_inputs(cls, x_local, self.weight, None, self.local_size, "the local hidden size", self.group)
-            return _CRMSNormFn.apply(x_local, self.weight, self.eps, self.zero_centered_gamma, self.output_scale,
-                                     stats_group, grad_group, self.normalized_shape + 1)
+            return CRMSNormFn.apply(x_local, self.weight, self.eps, self.zero_centered_gamma, self.output_scale,
+                                     stats_group, grad_group, self.hidden + 1)
 
         return run_on_local(x, fn, sharded_hidden=sharded, cls=cls, group=self.group, local_hidden=self.local_size)
 

@@ -68,3 +68,19 @@ def test_sharded_pieces_compose_to_whole_rows(rms):
     dx_ref = (rms_norm_bwd(dy, x, w, rstd)[0] if rms else
               layer_norm_bwd(dy, x, w, mean, rstd, has_bias=False)[0])
     torch.testing.assert_close(dx, dx_ref, rtol=0, atol=1e-12)
+
+
+def test_lower_layers_do_not_import_higher_ones():
+    """comm <- kernels <- functional.layer_norm <- tensor_parallel: importing a layer loads none above it."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, distnorm.kernels; "
+        "assert not any(m in sys.modules for m in ('distnorm.functional.layer_norm', 'distnorm.tensor_parallel', "
+        "'distnorm.overlap', 'triton')), sorted(m for m in sys.modules if m.startswith('distnorm'));"
+        "import distnorm.functional.layer_norm; "
+        "assert 'distnorm.tensor_parallel' not in sys.modules and 'distnorm.overlap' not in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120, env={**os.environ, "PYTHONPATH": os.getcwd()})

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distnorm.functional.reference import batch_norm_ref, layer_norm_ref, rms_norm_ref
+from distnorm.functional.reference import add_rms_norm_ref, batch_norm_ref, layer_norm_ref, rms_norm_ref
 
 
 @pytest.mark.parametrize("shape", [(4, 10), (2, 3, 65)])
@@ -80,3 +80,12 @@ def test_batch_norm_ref_mask_equals_dropping_padded_rows():
     torch.testing.assert_close(y[mask], y2, rtol=0, atol=1e-12)
     torch.testing.assert_close(rm1, rm2, rtol=0, atol=0)
     torch.testing.assert_close(rv1, rv2, rtol=0, atol=0)
+
+
+def test_add_rms_norm_ref_is_rms_norm_of_the_float64_sum():
+    x, r = torch.randn(3, 8, dtype=torch.bfloat16), torch.randn(3, 8, dtype=torch.bfloat16)
+    w = torch.randn(8)
+    y, s = add_rms_norm_ref(x, r, w, 1e-6, zero_centered_gamma=True, output_scale=0.5)
+    assert y.dtype == s.dtype == torch.float64
+    torch.testing.assert_close(s, x.double() + r.double(), rtol=0, atol=0)
+    torch.testing.assert_close(y, rms_norm_ref(s, w, 1e-6, zero_centered_gamma=True, output_scale=0.5), rtol=0, atol=0)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from distnorm import kernels as K
-from distnorm.functional.reference import layer_norm_ref, rms_norm_ref
+from distnorm.functional.reference import add_rms_norm_ref, layer_norm_ref, rms_norm_ref
 from distnorm.testing import assert_close_to_reference
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -89,13 +89,6 @@ def test_rms_norm_matches_reference(tokens, hidden, dtype, affine, backend, kern
     y_base, grads_base = _run(lambda x, w: F.rms_norm(x, (hidden,), _w_eff(w, zcg), EPS) * scale, dy, x, w)
     assert y.dtype == dtype
     _check("rms_norm", y, y_ref, y_base, grads, grads_ref, grads_base)
-
-
-def add_rms_norm_ref(x, residual, weight, eps, *, zero_centered_gamma=False, output_scale=1.0):
-    """float64 reference of the fused op: ``(rms_norm_ref(x + residual), x + residual)``."""
-    residual_out = x.double() + residual.double()
-    return rms_norm_ref(residual_out, weight, eps, zero_centered_gamma=zero_centered_gamma,
-                        output_scale=output_scale), residual_out
 
 
 def _run_pair(fn, dy, dres, *tensors):

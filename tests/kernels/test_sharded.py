@@ -103,7 +103,8 @@ def test_sharded_pieces_compose_to_the_unsharded_norm(world, rms, affine, dtype,
         if r is None:
             assert a is None, name
             continue
-        assert a.dtype == dtype, name
+        # dW/dB leave the launchers in float32 (they are summed over ranks before the one cast)
+        assert a.dtype == (torch.float32 if name in ("dw", "db") else dtype), name
         assert_close_to_reference(a, r, baseline=bl, name=name)
 
 

@@ -1,13 +1,24 @@
-"""The tensor-parallel local math (distnorm.functional.layer_norm) routes to the Triton kernels.
+"""One dispatcher: every norm resolves its backend once per call, and the old launcher names still route there.
 
-``backend="auto"`` picks Triton only for CUDA tensors; forcing ``backend="triton"`` runs the kernels
-(here under the interpreter) and must agree with the torch math, piece by piece and composed.
+The tensor-parallel modules, ``distnorm.functional.layer_norm`` and ``distnorm.kernels`` share the
+autograd Functions of ``distnorm.kernels.autograd``, which resolve the backend in the forward and
+reuse it in the backward. ``backend="triton"`` (the interpreter here) and ``"torch"`` agree piece
+by piece.
 """
 
 import pytest
 import torch
+import torch.distributed as dist
 
+from distnorm import kernels
 from distnorm.functional import layer_norm as F
+from distnorm.tensor_parallel import (
+    SequenceParallelLayerNorm,
+    SequenceParallelRMSNorm,
+    ShardedLayerNorm,
+    ShardedRMSNorm,
+)
+from distnorm.testing import simulate
 
 T, H = 6, 37
 
@@ -22,17 +33,8 @@ def _inputs(kernel_device):
 
 
 @pytest.mark.parametrize("rms", [False, True])
-def test_forced_triton_equals_torch(kernel_device, rms, monkeypatch):
-    from distnorm import kernels
-
-    chosen = []
-    real_resolve = kernels.resolve_backend
-
-    def spy(*args, **kwargs):
-        chosen.append(real_resolve(*args, **kwargs))
-        return chosen[-1]
-
-    monkeypatch.setattr(kernels, "resolve_backend", spy)
+def test_forced_triton_equals_torch(kernel_device, rms):
+    """The launchers under their ``distnorm.functional.layer_norm`` names, on both backends."""
     x, dy, w, b = _inputs(kernel_device)
     bias = None if rms else b
     kw = {"zero_centered_gamma": True, "output_scale": 0.5}
@@ -50,20 +52,37 @@ def test_forced_triton_equals_torch(kernel_device, rms, monkeypatch):
         sums, dw2, db2 = F.norm_bwd_partial(dy, x, w, mean, rstd, has_bias=not rms, backend=backend, **kw)
         dx2 = F.norm_bwd_finish(dy, x, w, mean, rstd, sums, H, backend=backend, **kw)
         outs[backend] = [t for t in (y, dx, dw, db, stats, y2, sums, dw2, db2, dx2) if t is not None]
-    assert chosen.count("triton") >= 12  # the dispatch layer and the kernels package both chose Triton
     for a, c in zip(outs["torch"], outs["triton"]):
         assert a.dtype == c.dtype and a.shape == c.shape
         torch.testing.assert_close(c, a, rtol=1e-5, atol=1e-5)
 
 
-def test_auto_stays_on_torch_for_cpu(monkeypatch):
-    from distnorm import kernels
+def _count_resolutions(monkeypatch):
+    calls = []
+    real = kernels.resolve_backend
 
-    def boom(*args, **kwargs):
-        raise AssertionError("the kernels were consulted for a CPU tensor")
+    def spy(*args, **kwargs):
+        calls.append(args[1] if len(args) > 1 else kwargs.get("backend", "auto"))
+        return real(*args, **kwargs)
 
-    monkeypatch.setattr(kernels, "resolve_backend", boom)
-    x = torch.randn(3, 8)
-    F.rms_norm_fwd(x, None, 1e-6)  # auto on CPU: never asks the kernels
-    with pytest.raises(AssertionError, match="consulted"):
-        F.rms_norm_fwd(x, None, 1e-6, backend="triton")
+    monkeypatch.setattr(kernels, "resolve_backend", spy)
+    return calls
+
+
+@pytest.mark.parametrize("cls", [SequenceParallelLayerNorm, SequenceParallelRMSNorm, ShardedLayerNorm, ShardedRMSNorm])
+def test_backend_resolved_once_per_call(cls, monkeypatch):
+    calls = _count_resolutions(monkeypatch)
+    x = torch.randn(4, 8, requires_grad=True)
+    cls(8)(x).sum().backward()
+    assert calls == ["auto"], calls  # forward resolves, backward reuses; nobody re-dispatches
+
+
+def _sharded_rank(rank, world):
+    x = torch.randn(4, 4, requires_grad=True)
+    ShardedRMSNorm(8, group=dist.group.WORLD)(x).sum().backward()
+
+
+def test_sharded_backend_resolved_once_per_call(monkeypatch):
+    calls = _count_resolutions(monkeypatch)
+    simulate(2, _sharded_rank, 2, timeout=60)
+    assert calls == ["auto", "auto"], calls  # one per rank

@@ -90,13 +90,15 @@ def test_matches_reference(world, parallel, grad_sync, kind):
                 assert c.counts == {} and c_sync.counts == {}
                 continue
             replicated_w = kind == "single" or parallel == "sequence"
-            w_bytes = (1 if kind == "single" else HIDDEN) * (w.dtype.itemsize if kind == "single" else wide)
-            n_w = 1 if replicated_w and grad_sync == "backward" else 0
+            # replicated gains' gradients travel in float32 (float64 for float64), cast once after the sum
+            w_bytes = (1 if kind == "single" else HIDDEN) * wide
+            synced_w = replicated_w and grad_sync == "backward"
             n_stats = 2 if tokens else 0
+            n_w = 1 if synced_w and not tokens else 0  # sharded: α's 1 number rides in the backward's stats all-reduce
             assert c.counts == ({"all_reduce": n_w + n_stats} if n_w + n_stats else {})
             if tokens:
                 stats = TOKENS * wide * (1 if kind == "single" else 2) + TOKENS * wide
-                assert c.bytes["all_reduce"] == stats + n_w * w_bytes
+                assert c.bytes["all_reduce"] == stats + (w_bytes if synced_w else 0)
             else:
                 assert c.bytes.get("all_reduce", 0) == n_w * w_bytes
             deferred = replicated_w and grad_sync == "deferred"

@@ -44,6 +44,7 @@ from distnorm import comm
 from distnorm.config import from_dict
 from distnorm.topology import Topology
 from launch.data import Batches, load_corpus
+from launch.freeze import check_freeze_config, freeze_for_training
 from launch.model import GPT, ModelConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -74,6 +75,9 @@ class TrainConfig:
     ``overlap.enabled``."""
     progress: bool = True
     """tqdm progress bar on rank 0."""
+    freeze_norms_at: int = 0
+    """Freeze the norms after this many steps (``distnorm.freeze_norms``: LayerNorm/RMSNorm with a
+    calibrated fixed 1/σ) and train on; 0 = never. See ``launch/freeze.py``."""
     timeout_s: float = 600.0
     """Seconds a collective may wait for its peers (``init_distributed(timeout=)``): a rank that dies
     or stops makes the others exit with an error after at most this long, instead of hanging."""
@@ -88,6 +92,7 @@ _OVERRIDES: dict[str, tuple[str, type]] = {
     "d_model": ("model.d_model", int), "n_layers": ("model.n_layers", int), "n_heads": ("model.n_heads", int),
     "seq_len": ("model.seq_len", int), "norm": ("model.norm", str), "placement": ("model.placement", str),
     "grad_sync": ("model.grad_sync", str), "timeout_s": ("timeout_s", float),
+    "freeze_norms_at": ("freeze_norms_at", int),
 }
 
 
@@ -261,6 +266,8 @@ def train(cfg: TrainConfig, deepspeed_config: dict[str, Any] | None = None, tp: 
     tokens_per_step = cfg.batch_size * mcfg.seq_len
     start = time.perf_counter()
     for step in range(cfg.steps):
+        freeze_for_training(model, step, cfg.freeze_norms_at, lambda s: [t.to(topo.device) for t in batches.batch(s)],
+                            group=stats_group, log=log)
         t0 = time.perf_counter()
         idx, targets = batches.batch(step)
         idx, targets = idx.to(topo.device), targets.to(topo.device)
@@ -324,6 +331,8 @@ def main(argv: list[str] | None = None) -> int:
         ds_config, tp = None, cfg.tp
         if args.deepspeed is not None:
             ds_config, tp = _deepspeed_config(args.deepspeed, cfg, tp_from_cli=args.tp is not None)
+        check_freeze_config(cfg.freeze_norms_at, steps=cfg.steps, norm=cfg.model.norm, overlap=cfg.overlap,
+                            zero_stage=((ds_config or {}).get("zero_optimization") or {}).get("stage"), rank=_env_rank())
     except (ValueError, TypeError) as exc:
         # the configuration is the same on every rank and is checked before any collective: every
         # rank exits here, none waits; rank 0 says why

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import copy
-import logging
-import warnings
 
 import pytest
 import torch
@@ -14,54 +12,10 @@ import distnorm.convert as C
 from distnorm.comm import shard_offsets, shard_sizes
 from distnorm.tensor_parallel import SequenceParallelLayerNorm, SequenceParallelRMSNorm, ShardedLayerNorm
 from distnorm.testing import simulate, spawn
+from tests.convert._models import HF_MODELS, TOL, gpt2, inputs, perturb
 
-transformers = pytest.importorskip("transformers")
-logging.getLogger("transformers").setLevel(logging.ERROR)
-warnings.filterwarnings("ignore", module="transformers")
-
-
-def _perturb(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Random γ/β (HF initialises them to 1/0, which would hide folding mistakes)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.1)
-    return model.eval()
-
-
-def gpt2(head: bool = False) -> nn.Module:
-    cfg = transformers.GPT2Config(n_embd=16, n_layer=2, n_head=2, vocab_size=50, n_positions=16, bos_token_id=0,
-                                  eos_token_id=0, attn_implementation="eager")
-    cls = transformers.GPT2LMHeadModel if head else transformers.GPT2Model
-    torch.manual_seed(0)
-    return _perturb(cls(cfg).double())
-
-
-def llama() -> nn.Module:
-    cfg = transformers.LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                   num_key_value_heads=2, vocab_size=50, attn_implementation="eager")
-    torch.manual_seed(0)
-    return _perturb(transformers.LlamaModel(cfg).double())
-
-
-def vit() -> nn.Module:
-    cfg = transformers.ViTConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
-                                 image_size=8, patch_size=4, attn_implementation="eager")
-    torch.manual_seed(0)
-    return _perturb(transformers.ViTModel(cfg).double())
-
-
-def _inputs(name: str, batch: int = 4) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(1)
-    if name == "vit":
-        return {"pixel_values": torch.randn(batch, 3, 8, 8, generator=g, dtype=torch.float64)}
-    return {"input_ids": torch.randint(0, 50, (batch, 8), generator=g)}
-
-
-MODELS = {"gpt2": gpt2, "llama": llama, "vit": vit}
-# HF's LlamaRMSNorm computes in float32 even for float64 inputs; distnorm's keeps float64, so the
-# converted Llama differs from the original by HF's own round-off, not by distnorm's
-TOL = {"gpt2": 1e-10, "llama": 1e-6, "vit": 1e-10}
+MODELS = {k: HF_MODELS[k] for k in ("gpt2", "llama", "vit")}
+_perturb, _inputs = perturb, inputs
 
 
 def _out(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:

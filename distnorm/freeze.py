@@ -288,6 +288,8 @@ def token_variance(x: torch.Tensor, hidden: int, *, center: bool, group: Group =
     """
     x64 = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
     if group_size(group) == 1:
+        if x64.shape[0] == 0:
+            return x64.new_zeros(0)
         return x64.var(-1, unbiased=False) if center else x64.pow(2).mean(-1)
     sums = comm.all_reduce_(torch.stack([x64.sum(-1), x64.pow(2).sum(-1)]), group)
     mean_sq = sums[1] / hidden

@@ -58,12 +58,14 @@ _EXPORTS: dict[str, str] = {
     "to_unified_norm": "distnorm.convert",
     "fold_norms": "distnorm.convert",
     "pre_ln_to_pre_rmsnorm": "distnorm.convert",
+    "freeze_norms": "distnorm.freeze",
+    "FrozenScaleNorm": "distnorm.freeze",
     # config
     "DistNormConfig": "distnorm.config",
 }
 
 _SUBMODULES = (
-    "comm", "config", "convert", "data_parallel", "debug", "functional", "integrations",
+    "comm", "config", "convert", "data_parallel", "debug", "freeze", "functional", "integrations",
     "kernels", "overlap", "tensor_parallel", "testing", "topology",
 )
 

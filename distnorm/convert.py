@@ -8,9 +8,11 @@
   ``torch.nn.RMSNorm``, ``torch.nn.BatchNorm{1,2,3}d`` and Hugging Face ``*RMSNorm`` modules
   (duck-typed: a 1-D ``weight`` and ``eps`` or ``variance_epsilon``; Gemma's ``1 + weight`` form maps
   to ``zero_centered_gamma=True``).
-* ``fold_norms(model, example_inputs)``: in eval, a norm whose output only feeds Linear-like
-  layers is an affine map after normalisation, ``y = s·n(x) + t``; ``s`` and ``t`` move into those
-  layers' weights and biases, and the norm keeps only ``n``.
+* ``fold_norms(model, example_inputs)``: in eval, a per-channel norm (BatchNorm and the like,
+  ``distnorm.FrozenScaleNorm``) is an affine map ``y = s·x + t`` that moves back into the Linear /
+  Conv producing its input (the Conv–BN fold) or forward into the Linear layers consuming its
+  output, and disappears; a LayerNorm/RMSNorm is ``y = s·n(x) + t`` and moves ``s``, ``t`` into
+  its consumers, keeping only ``n``.
 * ``pre_ln_to_pre_rmsnorm(model)``: the exact Pre-LN -> Pre-RMSNorm transform of "Pre-RMSNorm
   and Pre-CRMSNorm Transformers" (Jiang et al., 2023) for GPT-2-style models.
 
@@ -31,6 +33,7 @@ from distnorm.comm import Group, group_rank, group_size, shard_offsets, shard_si
 from distnorm.tensor_parallel.linear import ColumnParallelLinear, RowParallelLinear
 
 __all__ = [
+    "FoldedNorm",
     "NormFactory",
     "convert_norms",
     "fold_norms",
@@ -439,8 +442,9 @@ def _is_alpha_batch_norm(module: nn.Module) -> bool:
     return isinstance(module, AlphaBatchNorm)
 
 
-class _FoldedAway(nn.Identity):
-    """What a folded norm becomes: returns its input, ignoring any further arguments (``mask=``)."""
+class FoldedNorm(nn.Identity):
+    """What ``fold_norms`` leaves where a norm was folded away: ``x -> x`` (any shape, dtype), ignoring
+    further arguments (``mask=``). An ``nn.Identity``. Collectives: none."""
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:  # type: ignore[override]
         return x
@@ -621,7 +625,7 @@ class _Folder:
             return False
         undo = _snapshot([layer])
         _fold_back(layer, affine.scale, affine.shift, center=affine.center)
-        self._swap(name, _FoldedAway())
+        self._swap(name, FoldedNorm())
         if self._unchanged():
             return True
         undo()
@@ -639,7 +643,7 @@ class _Folder:
         for u in users:
             _fold_into(u, affine.scale, affine.shift, center=affine.center)
         if affine.removable:
-            self._swap(name, _FoldedAway())
+            self._swap(name, FoldedNorm())
         else:
             affine.neutralise()
         if self._unchanged():

@@ -44,7 +44,14 @@ from distnorm.tensor_parallel import (
     ShardedNorm,
     SingleScaleRMSNorm,
 )
-from distnorm.tensor_parallel._common import DeferredGradSync, check_float, check_inputs, check_normalized_shape, where
+from distnorm.tensor_parallel._common import (
+    DeferredGradSync,
+    NormBase,
+    check_float,
+    check_inputs,
+    check_normalized_shape,
+    where,
+)
 from distnorm.tensor_parallel.sharded import local_shard_size
 
 __all__ = ["FrozenScaleNorm", "freeze_norms"]
@@ -52,7 +59,7 @@ __all__ = ["FrozenScaleNorm", "freeze_norms"]
 PARALLEL_FORMS = ("sequence", "sharded")
 
 
-class FrozenScaleNorm(nn.Module, DeferredGradSync):
+class FrozenScaleNorm(NormBase, DeferredGradSync):
     """A LayerNorm (``center=True``) or RMSNorm whose ``rstd = 1/σ`` is one calibrated constant.
 
     ``y = output_scale · (γ · (x - mean(x)) · rstd + β)`` (``center=False``: no ``- mean(x)``; γ is
@@ -90,37 +97,30 @@ class FrozenScaleNorm(nn.Module, DeferredGradSync):
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ) -> None:
-        super().__init__()
         cls = "FrozenScaleNorm"
-        group_size(group)  # a non-group is a TypeError here
         if parallel not in PARALLEL_FORMS:
             raise ValueError(f"{cls}: parallel must be one of {PARALLEL_FORMS}, got {parallel!r} {where(group)}")
-        self.normalized_shape = check_normalized_shape(cls, normalized_shape, group)
-        self.output_scale = check_float(cls, "output_scale", output_scale, group)
-        check_float(cls, "rstd", rstd, group, positive=True)
-        self.center, self.zero_centered_gamma, self.single_scale = bool(center), bool(zero_centered_gamma), \
-            bool(single_scale)
-        self.parallel, self.group = parallel, group
+        self._init_rstd = check_float(cls, "rstd", rstd, group, positive=True)
+        hidden = check_normalized_shape(cls, normalized_shape, group)
+        super().__init__(cls, hidden, 0.0, elementwise_affine, bias and not single_scale,
+                         local_size=(lambda h: local_shard_size(h, group, cls=cls)) if parallel == "sharded"
+                         else (lambda h: h),
+                         zero_centered_gamma=zero_centered_gamma, output_scale=output_scale, group=group,
+                         dtype=dtype, device=device)
+        del self.eps  # folded into rstd: a frozen norm has none
+        self.center, self.single_scale, self.parallel = bool(center), bool(single_scale), parallel
         self.init_grad_sync(cls, grad_sync, group)
-        self.local_size = (local_shard_size(self.normalized_shape, group, cls=cls) if parallel == "sharded"
-                           else self.normalized_shape)
-        factory: dict[str, Any] = {"dtype": dtype, "device": device}
-        self.weight = (nn.Parameter(torch.empty(1 if single_scale else self.local_size, **factory))
-                       if elementwise_affine else None)
-        self.bias = (nn.Parameter(torch.empty(self.local_size, **factory))
-                     if elementwise_affine and bias and not single_scale else None)
-        self.register_buffer("rstd", torch.tensor(float(rstd), dtype=torch.float64, device=device))
-        self._init_rstd = float(rstd)
+        if single_scale and elementwise_affine:
+            self.weight = nn.Parameter(torch.empty(1, dtype=dtype, device=device))
+        self.register_buffer("rstd", torch.tensor(self._init_rstd, dtype=torch.float64, device=device))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         """γ = 1 (stored as 0 with ``zero_centered_gamma``), β = 0, ``rstd`` = the constructor's value."""
-        with torch.no_grad():
-            if self.weight is not None:
-                self.weight.fill_(0.0 if self.zero_centered_gamma else 1.0)
-            if self.bias is not None:
-                self.bias.zero_()
-            self.rstd.fill_(self._init_rstd)
+        super().reset_parameters()
+        if "rstd" in self._buffers:  # not yet while the base class initialises
+            with torch.no_grad():
+                self.rstd.fill_(self._init_rstd)
 
     @property
     def sharded(self) -> bool:
@@ -197,18 +197,11 @@ class FrozenScaleNorm(nn.Module, DeferredGradSync):
         return -1
 
     def extra_repr(self) -> str:
-        s = f"{self.normalized_shape}"
-        if self.local_size != self.normalized_shape:
-            s += f" (local {self.local_size})"
+        s = f"{self.normalized_shape}" + (f" (local {self.local_size})" if self.sharded else "")
         s += f", rstd={float(self.rstd):.6g}, center={self.center}, elementwise_affine={self.weight is not None}"
-        if self.weight is not None and self.center:
-            s += f", bias={self.bias is not None}"
-        if self.zero_centered_gamma:
-            s += ", zero_centered_gamma=True"
-        if self.single_scale:
-            s += ", single_scale=True"
-        if self.output_scale != 1.0:
-            s += f", output_scale={self.output_scale:g}"
+        for flag in ("zero_centered_gamma", "single_scale"):
+            s += f", {flag}=True" if getattr(self, flag) else ""
+        s += f", output_scale={self.output_scale:g}" if self.output_scale != 1.0 else ""
         return s + f", parallel={self.parallel!r}, grad_sync={self.grad_sync!r}, group_size={group_size(self.group)}"
 
 

@@ -275,6 +275,13 @@ def test_freeze_bad_arguments() -> None:
         FrozenScaleNorm(4)(torch.zeros(2, 4, dtype=torch.long))
 
 
+def test_frozen_scale_norm_resets_every_buffer_after_meta_init() -> None:
+    norm = FrozenScaleNorm(4, 0.25, zero_centered_gamma=True, device="meta")
+    norm.to_empty(device="cpu")
+    norm.reset_parameters()
+    assert float(norm.rstd) == 0.25 and torch.equal(norm.weight, torch.zeros(4)) and torch.equal(norm.bias, torch.zeros(4))
+
+
 def _outside_group(rank: int) -> str:
     model = nn.Sequential(dn.SequenceParallelLayerNorm(4, group=dist.group.WORLD))
     with pytest.raises(ValueError) as sp_error:

@@ -1,7 +1,9 @@
 """The trainer's ``--freeze-norms-at STEP``: replace the norms by calibrated fixed-scale ones and train on.
 
 ``launch/train.py`` calls :func:`check_freeze_config` with the run configuration (before any
-collective) and :func:`freeze_for_training` at the top of every step; at ``step == freeze_at``
+collective), :func:`freeze_before_resume` before loading a checkpoint (a run resumed after the
+freeze step needs the frozen modules for the checkpoint's keys) and :func:`freeze_for_training` at
+the top of every step; at ``step == freeze_at``
 the model's LayerNorm/RMSNorm modules become ``distnorm.FrozenScaleNorm`` (``distnorm.freeze_norms``)
 calibrated on the next ``CALIBRATION_BATCHES`` training batches, pooled over ``group`` (every rank:
 the demo's norms are sequence-parallel). The frozen norms keep the trained weight/bias Parameter
@@ -18,7 +20,8 @@ from torch import nn
 from distnorm.comm import Group
 from distnorm.freeze import FrozenScaleNorm, freeze_norms
 
-__all__ = ["CALIBRATION_BATCHES", "FREEZABLE_NORMS", "check_freeze_config", "freeze_for_training"]
+__all__ = ["CALIBRATION_BATCHES", "FREEZABLE_NORMS", "check_freeze_config", "freeze_before_resume",
+           "freeze_for_training"]
 
 CALIBRATION_BATCHES = 4
 FREEZABLE_NORMS = ("layernorm", "rmsnorm", "ssnorm")
@@ -57,3 +60,15 @@ def freeze_for_training(model: nn.Module, step: int, freeze_at: int, batch: Call
     log(f"step {step:5d}  froze {len(rstd)} norms (rstd {min(rstd):.4g} .. {max(rstd):.4g}) on "
         f"{CALIBRATION_BATCHES} batches; training on")
     return True
+
+
+def freeze_before_resume(model: nn.Module, start_step: int, freeze_at: int, batch: Callable[[int], Any], *,
+                         group: Group, log: Callable[[str], None]) -> bool:
+    """Before loading a checkpoint taken after ``start_step`` steps: if the run froze its norms before
+    that (``0 < freeze_at < start_step``), freeze them now, on the same batches as the original run
+    (the checkpoint's ``rstd`` then overwrites the identical values); True if it did.
+    Collectives: as :func:`freeze_for_training`.
+    """
+    if not 0 < freeze_at < start_step:
+        return False
+    return freeze_for_training(model, freeze_at, freeze_at, batch, group=group, log=log)

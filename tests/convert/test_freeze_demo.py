@@ -17,7 +17,7 @@ import distnorm.convert as C
 from distnorm.freeze import FrozenScaleNorm
 from distnorm.testing import simulate
 from launch import train
-from launch.freeze import check_freeze_config, freeze_for_training
+from launch.freeze import check_freeze_config, freeze_before_resume, freeze_for_training
 from launch.model import GPT, ModelConfig
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -63,6 +63,20 @@ def test_demo_model_freezes_alike_at_every_tp_size_and_folds(placement: str) -> 
         assert rstd == pytest.approx(ref_rstd, rel=1e-12)
         assert abs(loss - ref_loss) <= 1e-10 * ref_loss and abs(folded - ref_loss) <= 1e-10 * ref_loss
         assert left == ["norm_f"]
+
+
+def test_a_run_resumed_after_the_freeze_step_loads_the_frozen_state() -> None:
+    """The checkpoint of a frozen model loads (strict) into a fresh one after freeze_before_resume, with
+    identical outputs; before the freeze step nothing changes."""
+    frozen = GPT(CFG, seed=7).double()
+    freeze_for_training(frozen, 2, 2, _batch, group=None, log=lambda s: None)
+    fresh = GPT(CFG, seed=3).double()
+    assert not freeze_before_resume(fresh, 2, 2, _batch, group=None, log=lambda s: None)
+    assert not any(isinstance(m, FrozenScaleNorm) for m in fresh.modules())
+    assert freeze_before_resume(fresh, 5, 2, _batch, group=None, log=lambda s: None)
+    fresh.load_state_dict(frozen.state_dict())
+    with torch.no_grad():
+        assert float(fresh(*_batch(9))) == float(frozen(*_batch(9)))
 
 
 def test_freeze_config_errors() -> None:

@@ -58,6 +58,8 @@ _EXPORTS: dict[str, str] = {
     "to_unified_norm": "distnorm.convert",
     "fold_norms": "distnorm.convert",
     "pre_ln_to_pre_rmsnorm": "distnorm.convert",
+    "freeze_norms": "distnorm.freeze",
+    "FrozenScaleNorm": "distnorm.freeze",
     # config
     "DistNormConfig": "distnorm.config",
     # training
@@ -66,7 +68,7 @@ _EXPORTS: dict[str, str] = {
 }
 
 _SUBMODULES = (
-    "comm", "config", "convert", "data_parallel", "debug", "functional", "grad_clip", "integrations",
+    "comm", "config", "convert", "data_parallel", "debug", "freeze", "functional", "grad_clip", "integrations",
     "kernels", "overlap", "tensor_parallel", "testing", "topology",
 )
 

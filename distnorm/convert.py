@@ -8,9 +8,11 @@
   ``torch.nn.RMSNorm``, ``torch.nn.BatchNorm{1,2,3}d`` and Hugging Face ``*RMSNorm`` modules
   (duck-typed: a 1-D ``weight`` and ``eps`` or ``variance_epsilon``; Gemma's ``1 + weight`` form maps
   to ``zero_centered_gamma=True``).
-* ``fold_norms(model, example_inputs)``: in eval, a norm whose output only feeds Linear-like
-  layers is an affine map after normalisation, ``y = s·n(x) + t``; ``s`` and ``t`` move into those
-  layers' weights and biases, and the norm keeps only ``n``.
+* ``fold_norms(model, example_inputs)``: in eval, a per-channel norm (BatchNorm and the like,
+  ``distnorm.FrozenScaleNorm``) is an affine map ``y = s·x + t`` that moves back into the Linear /
+  Conv producing its input (the Conv–BN fold) or forward into the Linear layers consuming its
+  output, and disappears; a LayerNorm/RMSNorm is ``y = s·n(x) + t`` and moves ``s``, ``t`` into
+  its consumers, keeping only ``n``.
 * ``pre_ln_to_pre_rmsnorm(model)``: the exact Pre-LN -> Pre-RMSNorm transform of "Pre-RMSNorm
   and Pre-CRMSNorm Transformers" (Jiang et al., 2023) for GPT-2-style models.
 
@@ -21,14 +23,17 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
 from distnorm.comm import Group, group_rank, group_size, shard_offsets, shard_sizes
+from distnorm.tensor_parallel.linear import ColumnParallelLinear, RowParallelLinear
 
 __all__ = [
+    "FoldedNorm",
     "NormFactory",
     "convert_norms",
     "fold_norms",
@@ -262,51 +267,146 @@ def to_unified_norm(group: Group, *, channel_dim: int = 1, **kwargs: Any) -> Nor
 # ------------------------------------------------------------------------------------------------
 
 
+def _is_hf_conv1d(module: nn.Module) -> bool:
+    """Hugging Face ``Conv1D`` (GPT-2): a Linear with its weight stored ``[in, out]``."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
 def _is_linear_like(module: nn.Module) -> bool:
-    """``nn.Linear`` (weight ``[out, in]``) or HF ``Conv1D`` (weight ``[in, out]``, ``nf`` attribute)."""
-    return isinstance(module, nn.Linear) or (type(module).__name__ == "Conv1D" and hasattr(module, "nf"))
+    """A layer that multiplies its input's last dim by a full ``[out, in]`` matrix: ``nn.Linear``,
+    HF ``Conv1D`` and ``ColumnParallelLinear`` (this rank's output rows, every input column)."""
+    return isinstance(module, (nn.Linear, ColumnParallelLinear)) or _is_hf_conv1d(module)
 
 
-def _fold_into(linear: nn.Module, scale: torch.Tensor, shift: torch.Tensor | None) -> None:
-    """``linear(s·z + t) = linear'(z)``: scale the input columns by ``s``, add ``W t`` to the bias."""
-    weight: torch.Tensor = linear.weight  # type: ignore[assignment]
-    conv1d = not isinstance(linear, nn.Linear)
-    w = weight.detach().to(torch.float64)
+def _producer_dim(layer: nn.Module, out_ndim: int) -> int | None:
+    """The dim of ``layer``'s output (``out_ndim`` dims) that holds its output features, if
+    ``fold_norms`` can scale them: Linear-like (last dim), ``RowParallelLinear`` with a reduced
+    output (full features on every rank), ``Conv{1,2,3}d`` / ``ConvTranspose{1,2,3}d`` (dim 1, or 0
+    unbatched); None otherwise."""
+    if isinstance(layer, RowParallelLinear):
+        return out_ndim - 1 if layer.reduce_output else None
+    if isinstance(layer, nn.Linear) or _is_hf_conv1d(layer):
+        return out_ndim - 1
+    if isinstance(layer, nn.modules.conv._ConvNd):
+        spatial = len(layer.kernel_size)
+        return {spatial + 2: 1, spatial + 1: 0}.get(out_ndim)
+    return None
+
+
+def _input_matrix(layer: Any) -> torch.Tensor:
+    """A Linear-like layer's weight as float64 ``[out, in]``."""
+    w = layer.weight.detach().to(torch.float64)
+    return w.t() if _is_hf_conv1d(layer) else w
+
+
+def _output_rows(layer: Any) -> torch.Tensor:
+    """A producer's weight as float64 ``[out_features, rest]``: row ``o`` makes output feature ``o``."""
+    w = layer.weight.detach().to(torch.float64)
+    if _is_hf_conv1d(layer):
+        return w.t()
+    if isinstance(layer, nn.modules.conv._ConvTransposeNd):  # [in, out/groups, *k]
+        g = layer.groups
+        return w.reshape(g, w.shape[0] // g, w.shape[1], -1).permute(0, 2, 1, 3).reshape(g * w.shape[1], -1)
+    return w.reshape(w.shape[0], -1)
+
+
+def _write_weight(layer: Any, matrix: torch.Tensor, *, rows: bool) -> None:
+    """Inverse of :func:`_output_rows` (``rows``) or :func:`_input_matrix`, cast to the weight's dtype."""
+    weight: torch.Tensor = layer.weight
+    if _is_hf_conv1d(layer):
+        matrix = matrix.t()
+    elif rows and isinstance(layer, nn.modules.conv._ConvTransposeNd):
+        g, per_group = layer.groups, weight.shape[1]
+        matrix = matrix.reshape(g, per_group, weight.shape[0] // g, -1).permute(0, 2, 1, 3)
+    weight.copy_(matrix.reshape(weight.shape).to(weight.dtype))
+
+
+def _write_bias(layer: Any, bias: torch.Tensor) -> None:
+    """Set the layer's bias (float64 ``[out]``), creating it when the layer has none."""
+    weight: torch.Tensor = layer.weight
+    current = getattr(layer, "bias", None)
+    if current is None:
+        layer.bias = nn.Parameter(bias.to(device=weight.device, dtype=weight.dtype))
+    else:
+        current.copy_(bias.to(current.dtype))
+
+
+def _fold_into(linear: nn.Module, scale: torch.Tensor, shift: torch.Tensor | None, *, center: bool = False) -> None:
+    """``linear(C(z)·s + t) = linear'(z)``, ``C`` the centring ``z - mean(z)`` when ``center``:
+    ``W' = (W·diag(s))·C`` (each row recentred), ``b' = b + W t``."""
+    w = _input_matrix(linear)
+    folded = w * scale.detach().to(torch.float64)
+    if center:
+        folded = folded - folded.mean(dim=1, keepdim=True)
+    if shift is not None:
+        bias = getattr(linear, "bias", None)
+        base = bias.detach().to(torch.float64) if bias is not None else torch.zeros_like(w[:, 0])
+        _write_bias(linear, base + w @ shift.detach().to(torch.float64))
+    _write_weight(linear, folded, rows=False)
+
+
+def _fold_back(layer: nn.Module, scale: torch.Tensor, shift: torch.Tensor | None, *, center: bool) -> None:
+    """``s·C(layer(x)) + t = layer'(x)``: ``W' = diag(s)·C·W`` (columns recentred over the output
+    features when ``center``), ``b' = s·C(b) + t``. The Conv–BN fold when ``C`` is the identity."""
+    rows = _output_rows(layer)
+    bias = getattr(layer, "bias", None)
+    b = bias.detach().to(torch.float64) if bias is not None else torch.zeros_like(rows[:, 0])
+    if center:
+        rows, b = rows - rows.mean(dim=0, keepdim=True), b - b.mean()
     s = scale.detach().to(torch.float64)
-    w_in_last = w.t() if conv1d else w  # [out, in]
-    with torch.no_grad():
-        if shift is not None:
-            extra = w_in_last @ shift.detach().to(torch.float64)
-            bias = getattr(linear, "bias", None)
-            if bias is None:
-                linear.bias = nn.Parameter(extra.to(weight.dtype))
-            else:
-                bias.add_(extra.to(bias.dtype))
-        folded = w_in_last * s
-        weight.copy_((folded.t() if conv1d else folded).to(weight.dtype))
+    b = b * s + (shift.detach().to(torch.float64) if shift is not None else 0.0)
+    _write_weight(layer, rows * s[:, None], rows=True)
+    _write_bias(layer, b)
 
 
-def _affine_of(norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, Callable[[], None]] | None:
-    """(scale, shift, neutralise) of an eval-mode norm whose output is ``scale·n(x) + shift``; None if not foldable.
+@dataclass(frozen=True, slots=True)
+class _Affine:
+    """An eval-mode norm as ``y = scale·C(x) + shift`` over its ``channel_dim`` (or its part after
+    normalisation, ``removable=False``: LayerNorm/RMSNorm γ, β)."""
 
-    ``neutralise()`` leaves the norm computing ``n(x)``: γ -> 1 (0 with zero-centered γ), β -> 0;
-    a per-channel affine (BatchNorm, ``fold_scale_shift()`` norms) becomes the identity.
+    scale: torch.Tensor
+    shift: torch.Tensor | None
+    center: bool
+    """The map acts on ``x - mean(x)`` over the channels (``FrozenScaleNorm`` of a LayerNorm)."""
+    removable: bool
+    """The whole norm is this map: after folding it becomes an identity. Else only γ, β move and
+    :attr:`neutralise` leaves the normalisation in place."""
+    channel_dim: int
+    neutralise: Callable[[], None]
+
+
+def _no_op() -> None:
+    return None
+
+
+def _affine_of(norm: nn.Module) -> _Affine | None:
+    """The :class:`_Affine` of an eval-mode norm, or None if it is not one.
+
+    Removable: BatchNorm*d with running statistics (torch's, distnorm's ``SyncBatchNorm``;
+    ``AlphaBatchNorm`` only with ``alpha = 1``: below it mixes in the test batch), and modules with
+    ``fold_scale_shift() -> (scale[C], shift[C])`` on ``channel_dim`` (PowerNorm without
+    GroupScaling, UnifiedNorm, RepBatchNorm, ProgressiveRepBN, FrozenScaleNorm; an optional
+    ``center`` attribute says the map acts on the centred input). Not removable: LayerNorm /
+    RMSNorm (γ -> 1 or 0 with zero-centered γ, β -> 0, ``output_scale`` -> 1 after folding).
     """
     module: Any = norm
     fold = getattr(module, "fold_scale_shift", None)
     if callable(fold) or isinstance(module, nn.modules.batchnorm._BatchNorm):
-        if module.training:
+        if module.training or (_is_alpha_batch_norm(module) and module.alpha < 1.0):
             return None
         if callable(fold):
-            scale, shift = fold()
-        else:
-            bn: Any = module
-            if not bn.track_running_stats or bn.running_mean is None:
+            try:
+                scale, shift = fold()
+            except ValueError:  # e.g. PowerNorm with GroupScaling: not an affine map
                 return None
-            rstd = torch.rsqrt(bn.running_var.double() + bn.eps)
-            scale = rstd * (bn.weight.double() if bn.affine else 1.0)
-            shift = -bn.running_mean.double() * scale + (bn.bias.double() if bn.affine else 0.0)
-        return scale, shift, lambda: None  # the caller swaps the module for nn.Identity
+        else:
+            if not module.track_running_stats or module.running_mean is None:
+                return None
+            rstd = torch.rsqrt(module.running_var.double() + module.eps)
+            scale = rstd * (module.weight.double() if module.affine else 1.0)
+            shift = -module.running_mean.double() * scale + (module.bias.double() if module.affine else 0.0)
+        return _Affine(scale.double(), shift.double(), bool(getattr(module, "center", False)), True,
+                       int(getattr(module, "channel_dim", 1)), _no_op)
     kind = norm_kind(module)
     zero_centered = bool(getattr(module, "zero_centered_gamma", False)) or (
         kind == "rms_norm" and _zero_centered(module))
@@ -331,7 +431,23 @@ def _affine_of(norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, Call
             if out_scale != 1.0:
                 module.output_scale = 1.0
 
-    return scale, shift, neutralise
+    return _Affine(scale, shift, False, False, -1, neutralise)
+
+
+def _is_alpha_batch_norm(module: nn.Module) -> bool:
+    try:
+        from distnorm.data_parallel import AlphaBatchNorm
+    except ImportError:
+        return False
+    return isinstance(module, AlphaBatchNorm)
+
+
+class FoldedNorm(nn.Identity):
+    """What ``fold_norms`` leaves where a norm was folded away: ``x -> x`` (any shape, dtype), ignoring
+    further arguments (``mask=``). An ``nn.Identity``. Collectives: none."""
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:  # type: ignore[override]
+        return x
 
 
 def _leaves(out: Any) -> list[torch.Tensor]:
@@ -350,30 +466,64 @@ def _run(model: nn.Module, example_inputs: Any) -> Any:
     return model(example_inputs)
 
 
+@dataclass(slots=True)
+class _Trace:
+    """One hooked forward: who feeds whom (module names)."""
+
+    consumers: dict[str, list[str]] = field(default_factory=dict)
+    """A tracked module -> the leaf modules and norms that received its output tensor."""
+    producer: dict[str, list[str | None]] = field(default_factory=dict)
+    """A norm -> per call, the tracked module whose output was its input (None: anything else)."""
+    calls: dict[str, int] = field(default_factory=dict)
+    ndim: dict[str, int] = field(default_factory=dict)
+    """A norm -> its input's number of dims."""
+
+
+def _first_tensor(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor | None:
+    for a in (*args, *kwargs.values()):
+        if isinstance(a, torch.Tensor):
+            return a
+    return None
+
+
 @contextmanager
-def _record_consumers(model: nn.Module, candidates: dict[nn.Module, str]) -> Iterator[dict[str, list[str]]]:
-    """During one forward: which leaf modules receive each candidate norm's output tensor as an input."""
+def _trace(model: nn.Module, norms: list[nn.Module]) -> Iterator[_Trace]:
+    """During one forward: the consumers of every norm's and candidate producer's output tensor, and
+    which candidate producer made each norm's input. Hooks see module calls, not functional uses
+    (a residual add): ``fold_norms`` checks every fold by re-running the model."""
     names = {m: n for n, m in model.named_modules()}
+    norm_set = set(norms)
+    tracked = [m for m in names if m in norm_set or _producer_dim(m, 2) is not None or
+               isinstance(m, nn.modules.conv._ConvNd)]
     produced: dict[int, tuple[str, torch.Tensor]] = {}  # holds the tensor: a freed id() would be reused
-    consumers: dict[str, list[str]] = {n: [] for n in candidates.values()}
+    trace = _Trace()
     handles = []
 
     def out_hook(module: nn.Module, args: Any, output: Any) -> None:
+        name = names[module]
+        trace.calls[name] = trace.calls.get(name, 0) + 1
         if isinstance(output, torch.Tensor):
-            produced[id(output)] = (candidates[module], output)
+            produced[id(output)] = (name, output)
 
     def in_hook(module: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
+        name = names[module]
         for a in (*args, *kwargs.values()):
             if isinstance(a, torch.Tensor) and id(a) in produced:
-                consumers[produced[id(a)][0]].append(names[module])
+                trace.consumers.setdefault(produced[id(a)][0], []).append(name)
+        if module in norm_set:
+            x = _first_tensor(args, kwargs)
+            source = produced.get(id(x)) if x is not None else None
+            trace.producer.setdefault(name, []).append(source[0] if source is not None else None)
+            if x is not None:
+                trace.ndim[name] = x.dim()
 
-    for m in candidates:
+    for m in tracked:
         handles.append(m.register_forward_hook(out_hook))
     for m in names:
-        if next(m.children(), None) is None:  # leaves: containers only pass tensors on
+        if m in norm_set or next(m.children(), None) is None:  # leaves: containers only pass tensors on
             handles.append(m.register_forward_pre_hook(in_hook, with_kwargs=True))
     try:
-        yield consumers
+        yield trace
     finally:
         for h in handles:
             h.remove()
@@ -394,63 +544,154 @@ def _close(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
     return True
 
 
+def _snapshot(layers: list[Any]) -> Callable[[], None]:
+    """Undo for in-place edits of the layers' weight and bias (a bias created by a fold is removed)."""
+    saved: list[tuple[Any, torch.Tensor, torch.Tensor | None]] = [
+        (m, m.weight.detach().clone(), None if getattr(m, "bias", None) is None else m.bias.detach().clone())
+        for m in layers]
+
+    def undo() -> None:
+        for m, w, b in saved:
+            m.weight.copy_(w)
+            if b is None:
+                m.bias = None
+            else:
+                m.bias.copy_(b)
+
+    return undo
+
+
+class _Folder:
+    """Applies one norm's fold at a time and keeps it only if the model's outputs are unchanged."""
+
+    def __init__(self, model: nn.Module, example_inputs: Any, trace: _Trace, reference: list[torch.Tensor]) -> None:
+        self.model, self.example_inputs, self.trace, self.reference = model, example_inputs, trace, reference
+        owners: dict[int, int] = {}
+        for m in model.modules():
+            for p in m.parameters(recurse=False):
+                owners[id(p)] = owners.get(id(p), 0) + 1
+        self.owners = owners
+
+    def _private(self, layer: nn.Module) -> bool:
+        """The layer's weight and bias belong to it alone (a tied weight would change elsewhere too)."""
+        return all(self.owners.get(id(p), 0) <= 1 for p in layer.parameters(recurse=False))
+
+    def _outside(self, norm_name: str, users: list[str]) -> list[str]:
+        """``users`` other than the norm itself and its submodules, deduplicated."""
+        return [u for u in dict.fromkeys(users) if u != norm_name and not u.startswith(norm_name + ".")]
+
+    def producer(self, name: str, affine: _Affine) -> nn.Module | None:
+        """The layer whose only use is to feed this norm (called once, each once), if it can absorb the map."""
+        sources = self.trace.producer.get(name, [])
+        if len(sources) != 1 or sources[0] is None or self.trace.calls.get(sources[0]) != 1:
+            return None
+        if self._outside(name, self.trace.consumers.get(sources[0], [])):
+            return None
+        layer = self.model.get_submodule(sources[0])
+        ndim = self.trace.ndim[name]
+        dim = _producer_dim(layer, ndim)
+        linear = isinstance(layer, (nn.Linear, RowParallelLinear)) or _is_hf_conv1d(layer)
+        if dim is None or dim != affine.channel_dim % ndim or (affine.center and not linear):
+            return None
+        if _output_rows(layer).shape[0] != affine.scale.numel() or not self._private(layer):
+            return None
+        return layer
+
+    def consumers(self, name: str, affine: _Affine) -> list[nn.Module] | None:
+        """The Linear-like layers that alone receive this norm's output on its last (channel) dim."""
+        users = [self.model.get_submodule(u) for u in self._outside(name, self.trace.consumers.get(name, []))]
+        ndim = self.trace.ndim.get(name)
+        if not users or ndim is None or affine.channel_dim % ndim != ndim - 1:
+            return None
+        if not all(_is_linear_like(u) and _input_matrix(u).shape[1] == affine.scale.numel() and self._private(u)
+                   for u in users):
+            return None
+        return users
+
+    def _swap(self, name: str, module: nn.Module) -> None:
+        parent_name, _, attr = name.rpartition(".")
+        setattr(self.model.get_submodule(parent_name), attr, module)
+
+    def _unchanged(self) -> bool:
+        try:
+            return _close(_leaves(_run(self.model, self.example_inputs)), self.reference)
+        except Exception:  # noqa: BLE001 - a folded model that fails is a fold to undo
+            return False
+
+    def back(self, name: str, norm: nn.Module, affine: _Affine) -> bool:
+        """Fold into the producer (removable norms only); True if kept."""
+        layer = self.producer(name, affine) if affine.removable else None
+        if layer is None:
+            return False
+        undo = _snapshot([layer])
+        _fold_back(layer, affine.scale, affine.shift, center=affine.center)
+        self._swap(name, FoldedNorm())
+        if self._unchanged():
+            return True
+        undo()
+        self._swap(name, norm)
+        return False
+
+    def forward(self, name: str, norm: nn.Module, affine: _Affine) -> bool:
+        """Fold into the consumers; True if kept."""
+        users = self.consumers(name, affine)
+        if users is None:
+            return False
+        undo = _snapshot(users)
+        saved = {k: v.clone() for k, v in norm.state_dict().items()}
+        saved_scale = getattr(norm, "output_scale", None)
+        for u in users:
+            _fold_into(u, affine.scale, affine.shift, center=affine.center)
+        if affine.removable:
+            self._swap(name, FoldedNorm())
+        else:
+            affine.neutralise()
+        if self._unchanged():
+            return True
+        undo()
+        if affine.removable:
+            self._swap(name, norm)
+        else:
+            norm.load_state_dict(saved)
+            if saved_scale is not None:
+                setattr(norm, "output_scale", saved_scale)  # noqa: B010 - not every norm declares it
+        return False
+
+
 @torch.no_grad()
 def fold_norms(model: nn.Module, example_inputs: Any) -> nn.Module:
-    """Fold every eval-mode norm's affine part into the Linear layers that consume its output; return the model.
+    """Fold every eval-mode norm's affine map into the Linear / Conv layers next to it; return the model.
 
-    Foldable: LayerNorm / RMSNorm (torch, HF, distnorm sequence-parallel; γ, β and ``output_scale``),
-    BatchNorm*d (running statistics: the whole norm is an affine map) and any module with
-    ``fold_scale_shift() -> (scale[C], shift[C])`` (PowerNorm, UnifiedNorm, RepBatchNorm).
-    Consumers are found by running ``example_inputs`` (a tensor, tuple, or kwargs dict) once with
-    hooks; a norm is folded only when every module receiving its output is a Linear (or HF
-    ``Conv1D``) and the model's outputs on ``example_inputs`` are unchanged afterwards (a norm whose
-    output also feeds a functional op, e.g. a residual, is left as it was). The model must be in
-    eval mode. Collectives: none.
+    Backwards (the Conv–BN fold): a norm that is a whole per-channel affine map in eval — BatchNorm*d
+    with running statistics (torch's, ``SyncBatchNorm``, ``AlphaBatchNorm`` with ``alpha = 1``),
+    RepBatchNorm, ProgressiveRepBN, PowerNorm (no GroupScaling), UnifiedNorm, ``FrozenScaleNorm`` —
+    moves into the layer that produces its input when that layer feeds nothing else and is called
+    once: ``nn.Linear``, HF ``Conv1D``, ``RowParallelLinear``, ``Conv{1,2,3}d`` (any groups, padding
+    mode, bias or none) and ``ConvTranspose{1,2,3}d``, with the norm's channel dim on the layer's
+    output features; the norm becomes an identity. Forwards (otherwise): a norm whose output only
+    feeds Linear-like layers (``nn.Linear``, HF ``Conv1D``, ``ColumnParallelLinear``) on its last dim
+    moves into them: the per-channel norms disappear, LayerNorm/RMSNorm (torch, HF, distnorm
+    sequence-parallel) keep only their normalisation (γ, β, ``output_scale`` move).
+
+    Who feeds whom comes from one hooked run of ``example_inputs`` (a tensor, tuple, or kwargs
+    dict); hooks cannot see functional uses (a residual add), so after each fold the model is run
+    again and a fold that changes its outputs (beyond round-off) is undone. Tied parameters are not
+    edited. The model must be in eval mode. Collectives: none beyond the model's own forwards.
     """
     if model.training:
         raise ValueError("fold_norms: the model must be in eval mode (call model.eval()); got training=True")
-    candidates = {m: n for n, m in model.named_modules() if _affine_of(m) is not None}
-    if not candidates:
+    norms = {m: n for n, m in model.named_modules() if _affine_of(m) is not None}
+    if not norms:
         return model
-    with _record_consumers(model, candidates) as consumers:
+    with _trace(model, list(norms)) as trace:
         reference = _leaves(_run(model, example_inputs))
-    modules = dict(model.named_modules())
-    for norm, name in candidates.items():
-        users = [modules[u] for u in dict.fromkeys(consumers[name])]
-        if not users or not all(_is_linear_like(u) for u in users):
-            continue
+    folder = _Folder(model, example_inputs, trace, reference)
+    for norm, name in norms.items():
         affine = _affine_of(norm)
-        if affine is None:
-            continue
-        scale, shift, neutralise = affine
-        saved = [(u.weight.clone(), u.bias.clone() if getattr(u, "bias", None) is not None else None) for u in users]
-        saved_norm = {k: v.clone() for k, v in norm.state_dict().items()}
-        saved_scale = getattr(norm, "output_scale", None)
-        for u in users:
-            _fold_into(u, scale, shift)
-        identity = callable(getattr(norm, "fold_scale_shift", None)) or isinstance(
-            norm, nn.modules.batchnorm._BatchNorm)
-        parent_name, _, attr = name.rpartition(".")
-        parent = modules[parent_name] if parent_name else model
-        if identity:
-            setattr(parent, attr, nn.Identity())
-        else:
-            neutralise()
-        if _close(_leaves(_run(model, example_inputs)), reference):
-            continue
-        # undo: the norm's output has a consumer the hooks cannot see
-        for u, (w, b) in zip(users, saved, strict=True):
-            u.weight.copy_(w)
-            if b is None:
-                u.bias = None
-            else:
-                u.bias.copy_(b)
-        if identity:
-            setattr(parent, attr, norm)
-        else:
-            norm.load_state_dict(saved_norm)
-            if saved_scale is not None:
-                norm.output_scale = saved_scale
+        if affine is None or not any(m is norm for m in model.modules()):
+            continue  # gone with an enclosing norm folded before it
+        if not folder.back(name, norm, affine):
+            folder.forward(name, norm, affine)
     return model
 
 

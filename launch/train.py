@@ -55,6 +55,7 @@ from distnorm.topology import Topology
 from launch import checkpoint
 from launch.checkpoint import TrainState
 from launch.data import Batches, load_corpus
+from launch.freeze import check_freeze_config, freeze_before_resume, freeze_for_training
 from launch.model import GPT, ModelConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -93,6 +94,9 @@ class TrainConfig:
     ``overlap.enabled``."""
     progress: bool | None = None
     """tqdm progress bar on rank 0; unset: only when stderr is a terminal (plain log lines otherwise)."""
+    freeze_norms_at: int = 0
+    """Freeze the norms after this many steps (``distnorm.freeze_norms``: LayerNorm/RMSNorm with a
+    calibrated fixed 1/σ) and train on; 0 = never. See ``launch/freeze.py``."""
     timeout_s: float = 600.0
     """Seconds a collective may wait for its peers (``init_distributed(timeout=)``): a rank that dies
     or stops makes the others exit with an error after at most this long, instead of hanging."""
@@ -108,6 +112,7 @@ _OVERRIDES: dict[str, tuple[str, type]] = {
     "seq_len": ("model.seq_len", int), "norm": ("model.norm", str), "placement": ("model.placement", str),
     "grad_sync": ("model.grad_sync", str), "timeout_s": ("timeout_s", float), "grad_clip": ("grad_clip", float),
     "save_every": ("save_every", int), "run_id": ("run_id", str),
+    "freeze_norms_at": ("freeze_norms_at", int),
 }
 
 
@@ -304,7 +309,7 @@ def _build(cfg: TrainConfig, topo: Topology, deepspeed_config: dict[str, Any] | 
     section_overlap = bool(((deepspeed_config or {}).get("distnorm") or {}).get("overlap", {}).get("enabled", False))
     mcfg = dataclasses.replace(cfg.model, vocab_size=cfg.model.vocab_size or corpus.vocab_size, total_steps=cfg.steps,
                                overlap=cfg.overlap or section_overlap)
-    stats_group = dist.group.WORLD if topo.world_size > 1 else None
+    stats_group = dist.group.WORLD if topo.world_size > 1 else None  # see train()
     model: nn.Module = GPT(mcfg, tp_group=topo.tp_group, stats_group=stats_group, seed=cfg.seed).to(topo.device)
     batches = Batches(corpus, seq_len=mcfg.seq_len, global_batch=cfg.batch_size, dp_size=topo.dp_size,
                       dp_rank=topo.dp_rank, seed=cfg.seed)
@@ -370,7 +375,16 @@ def train(cfg: TrainConfig, deepspeed_config: dict[str, Any] | None = None, tp: 
     launcher = "deepspeed" if engine is not None else topo.launcher
     config_dict = {**dataclasses.asdict(cfg), "model": dataclasses.asdict(mcfg)}
     state = TrainState()
+    # the demo's statistics-pooling norms (and a freeze's calibration) span every rank
+    stats_group = dist.group.WORLD if topo.world_size > 1 else None
+
+    def batch_on_device(step: int) -> list[torch.Tensor]:
+        return [t.to(topo.device) for t in batches.batch(step)]
+
     if ckpt_path is not None and ckpt_meta is not None:
+        # a run resumed after its freeze step needs the frozen modules for the checkpoint's keys
+        freeze_before_resume(model, ckpt_meta["step"], cfg.freeze_norms_at, batch_on_device, group=stats_group,
+                             log=say)
         state = checkpoint.load(ckpt_path, ckpt_meta, config=config_dict, model=model, optimizer=optimizer,
                                 scheduler=scheduler, engine=engine, topo=topo)
         say(f"resumed from {ckpt_path} at step {state.step} (saved at tp={ckpt_meta['tp']} "
@@ -388,6 +402,7 @@ def train(cfg: TrainConfig, deepspeed_config: dict[str, Any] | None = None, tp: 
     tokens_per_step = cfg.batch_size * mcfg.seq_len
     start_step, start = state.step, time.perf_counter()
     for step in range(state.step, cfg.steps):
+        freeze_for_training(model, step, cfg.freeze_norms_at, batch_on_device, group=stats_group, log=log)
         t0 = time.perf_counter()
         idx, targets = batches.batch(step)
         loss, norm = _train_step(cfg, topo, model, optimizer, scheduler, engine,
@@ -449,6 +464,8 @@ def main(argv: list[str] | None = None) -> int:
         ds_config, tp = None, cfg.tp
         if args.deepspeed is not None:
             ds_config, tp = _deepspeed_config(args.deepspeed, cfg, tp_from_cli=args.tp is not None)
+        check_freeze_config(cfg.freeze_norms_at, steps=cfg.steps, norm=cfg.model.norm, overlap=cfg.overlap,
+                            zero_stage=((ds_config or {}).get("zero_optimization") or {}).get("stage"), rank=_env_rank())
     except (ValueError, TypeError) as exc:
         # the configuration is the same on every rank and is checked before any collective: every
         # rank exits here, none waits; rank 0 says why

@@ -591,6 +591,23 @@ def test_fold_and_pre_ln_bad_arguments():
         convert.pre_ln_to_pre_rmsnorm(nn.Linear(2, 2))
 
 
+def test_freeze_norms_and_frozen_scale_norm_bad_inputs():
+    with pytest.raises(TypeError, match=r"freeze_norms: model must be an nn.Module, got Tensor"):
+        distnorm.freeze_norms(torch.ones(2), [])
+    with pytest.raises(TypeError, match=r"group must be a torch.distributed.ProcessGroup or None, got int 2"):
+        distnorm.freeze_norms(nn.Sequential(nn.LayerNorm(H)), [torch.randn(2, H)], group=2)
+    with pytest.raises(ValueError, match=r"freeze_norms: batches is empty on every rank.*" + RANK0):
+        distnorm.freeze_norms(nn.Sequential(nn.LayerNorm(H)), [])
+    with pytest.raises(ValueError, match=r"FrozenScaleNorm: normalized_shape must be a positive int.*got 0 " + RANK0):
+        distnorm.FrozenScaleNorm(0)
+    with pytest.raises(ValueError, match=r"FrozenScaleNorm: rstd must be a finite float > 0, got nan " + RANK0):
+        distnorm.FrozenScaleNorm(H, float("nan"))
+    with pytest.raises(ValueError, match=r"FrozenScaleNorm: x last dim must be normalized_shape = 8, got shape \(2, 3\)"):
+        distnorm.FrozenScaleNorm(H)(torch.randn(2, 3))
+    with pytest.raises(ValueError, match=r"FrozenScaleNorm: weight must be on x's device meta"):
+        distnorm.FrozenScaleNorm(H)(torch.randn(2, H, device="meta"))
+
+
 def test_dist_norm_config_bad_values():
     import distnorm.config as config
     with pytest.raises(ValueError, match=r"distnorm.bogus: unknown key \(value 1\); valid keys"):
@@ -610,6 +627,7 @@ COVERED = {
     "Topology", "init_distributed", "count_collectives",
     FUSED, "plan_token_split", "TokenSplitPlan", "DeviceProfile", "TokenWeaver",
     "convert_norms", *CONVERT_NAMES, "fold_norms", "pre_ln_to_pre_rmsnorm", "DistNormConfig",
+    "freeze_norms", "FrozenScaleNorm",
 }
 # Public names with no input to get wrong, with the reason.
 NOT_APPLICABLE: dict[str, str] = {}

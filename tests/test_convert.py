@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import copy
-import logging
-import warnings
 
 import pytest
 import torch
@@ -14,54 +12,10 @@ import distnorm.convert as C
 from distnorm.comm import shard_offsets, shard_sizes
 from distnorm.tensor_parallel import SequenceParallelLayerNorm, SequenceParallelRMSNorm, ShardedLayerNorm
 from distnorm.testing import simulate, spawn
+from tests.convert._models import HF_MODELS, TOL, gpt2, inputs, perturb
 
-transformers = pytest.importorskip("transformers")
-logging.getLogger("transformers").setLevel(logging.ERROR)
-warnings.filterwarnings("ignore", module="transformers")
-
-
-def _perturb(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Random γ/β (HF initialises them to 1/0, which would hide folding mistakes)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.1)
-    return model.eval()
-
-
-def gpt2(head: bool = False) -> nn.Module:
-    cfg = transformers.GPT2Config(n_embd=16, n_layer=2, n_head=2, vocab_size=50, n_positions=16, bos_token_id=0,
-                                  eos_token_id=0, attn_implementation="eager")
-    cls = transformers.GPT2LMHeadModel if head else transformers.GPT2Model
-    torch.manual_seed(0)
-    return _perturb(cls(cfg).double())
-
-
-def llama() -> nn.Module:
-    cfg = transformers.LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                   num_key_value_heads=2, vocab_size=50, attn_implementation="eager")
-    torch.manual_seed(0)
-    return _perturb(transformers.LlamaModel(cfg).double())
-
-
-def vit() -> nn.Module:
-    cfg = transformers.ViTConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
-                                 image_size=8, patch_size=4, attn_implementation="eager")
-    torch.manual_seed(0)
-    return _perturb(transformers.ViTModel(cfg).double())
-
-
-def _inputs(name: str, batch: int = 4) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(1)
-    if name == "vit":
-        return {"pixel_values": torch.randn(batch, 3, 8, 8, generator=g, dtype=torch.float64)}
-    return {"input_ids": torch.randint(0, 50, (batch, 8), generator=g)}
-
-
-MODELS = {"gpt2": gpt2, "llama": llama, "vit": vit}
-# HF's LlamaRMSNorm computes in float32 even for float64 inputs; distnorm's keeps float64, so the
-# converted Llama differs from the original by HF's own round-off, not by distnorm's
-TOL = {"gpt2": 1e-10, "llama": 1e-6, "vit": 1e-10}
+MODELS = {k: HF_MODELS[k] for k in ("gpt2", "llama", "vit")}
+_perturb, _inputs = perturb, inputs
 
 
 def _out(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -142,18 +96,6 @@ def _spawned_sequence_parallel(rank: int) -> float:
 
 def test_sequence_parallel_conversion_real_processes() -> None:
     assert max(spawn(2, _spawned_sequence_parallel, timeout=120)) <= 1e-12
-
-
-@pytest.mark.parametrize("name", list(MODELS))
-def test_folded_equals_unfolded_in_eval(name: str) -> None:
-    model, inputs = MODELS[name](), _inputs(name)
-    ref = _out(model, inputs)
-    folded = C.fold_norms(copy.deepcopy(model), inputs)
-    torch.testing.assert_close(_out(folded, inputs), ref, rtol=0, atol=TOL[name])
-    norms = [m for m in folded.modules() if C.norm_kind(m) in ("layer_norm", "rms_norm")]
-    neutral = [m for m in norms if torch.equal(m.weight, torch.ones_like(m.weight))]
-    # every block norm feeds projections only: all but the final norm (model output) fold
-    assert len(neutral) == len(norms) - 1, [type(m).__name__ for m in norms]
 
 
 def test_fold_batch_norm_into_linear_and_keep_hidden_uses() -> None:
@@ -239,20 +181,3 @@ def test_sync_batch_norm_conversion_uses_the_whole_batch(world: int) -> None:
     torch.testing.assert_close(torch.cat([y for y, _ in results]), expected, rtol=0, atol=1e-10)
     for _, running_mean in results:
         torch.testing.assert_close(running_mean, ref.running_mean, rtol=0, atol=1e-12)
-
-
-@pytest.mark.parametrize("cls", ["PowerNorm", "UnifiedNorm", "RepBatchNorm"])
-def test_fold_scale_shift_norms_into_linear(cls: str) -> None:
-    dp = pytest.importorskip("distnorm.data_parallel")
-    torch.manual_seed(0)
-    norm = getattr(dp, cls)(6, channel_dim=-1).double()
-    model = nn.Sequential(nn.Linear(4, 6), norm, nn.Linear(6, 3)).double()
-    for _ in range(3):  # move the running statistics away from their initial values
-        model(torch.randn(8, 4, dtype=torch.float64) * 2).sum().backward()
-    _perturb(model)
-    x = torch.randn(5, 4, dtype=torch.float64)
-    ref = model(x)
-    C.fold_norms(model, x)
-    assert isinstance(model[1], nn.Identity)
-    # fold_scale_shift() returns float32 (scale, shift) by contract: float32 round-off, not 1e-10
-    torch.testing.assert_close(model(x), ref, rtol=1e-6, atol=1e-6)

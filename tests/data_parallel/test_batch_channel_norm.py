@@ -73,5 +73,5 @@ def _all_empty(rank):
 
 
 def test_batch_channel_norm_all_ranks_empty_is_an_error():
-    with pytest.raises(ValueError, match=r"BatchChannelNorm: the global batch has no real elements.*rank 0"):
+    with pytest.raises(RuntimeError, match=r"BatchChannelNorm: the global batch has no real elements.*rank 0 of 2"):
         simulate(2, _all_empty, timeout=60)

@@ -1,8 +1,9 @@
 """Batch normalization over the global data-parallel batch: the one op behind SyncBatchNorm,
 AlphaBatchNorm and RepBatchNorm.
 
-* Local path (``group`` None or of size 1, no ``mask``, a float momentum): ``torch.batch_norm``,
-  torch's fused native kernels forward and backward, running statistics included.
+* Local path (``group`` None or of size 1, no ``mask``, a float momentum, ``[N, C, *]`` layout):
+  ``torch.batch_norm``, torch's fused native kernels forward and backward, running statistics
+  included. (``[B, T, C]`` takes the synced path at any world size: see :func:`_native_train_ok`.)
 * Synced path: exact global moments from :func:`~distnorm.functional.batch_stats.synced_moments`
   (one all-reduce of ``2C + 1`` float64: ``[n·m, M2 + n·m², n]`` per rank, accurate from the first
   step at any ``|mean|/std``), then :class:`_BatchNormFn`, which normalises with them and whose
@@ -64,6 +65,17 @@ def _as_channels_1(x: torch.Tensor, c_dim: int) -> torch.Tensor | None:
     if c_dim == x.dim() - 1:
         return x.reshape(-1, x.shape[c_dim])
     return None
+
+
+def _native_train_ok(x: torch.Tensor, c_dim: int) -> bool:
+    """Whether torch's training kernel takes ``x`` as it is and keeps its statistics exact.
+
+    ``[N, C, *]`` (``c_dim == 1``): yes, torch's own layout (statistics accumulated in double on
+    CPU). ``[B, T, C]`` viewed as ``[rows, C]``: torch's channels-last CPU statistics lose digits
+    when ``|mean| >> std`` (5x nn.BatchNorm1d's error at |mean|/std = 1e4), and the transposed
+    ``[B, C, T]`` is 10x slower than the exact synced path, which therefore runs there too.
+    """
+    return c_dim == 1
 
 
 def batch_norm_stats(
@@ -177,27 +189,33 @@ def batch_norm_train(
     """
     c_dim = channel_dim % x.dim()
     update = running_mean is not None and running_var is not None
-    x_c = _as_channels_1(x, c_dim)
-    native = (comm.group_size(group) == 1 and mask is None and x_c is not None and not isinstance(momentum, torch.Tensor)
-              and _native_ok(x, weight, bias, running_mean, running_var))
+    native = (comm.group_size(group) == 1 and mask is None and _native_train_ok(x, c_dim)
+              and not isinstance(momentum, torch.Tensor) and _native_ok(x, weight, bias, running_mean, running_var))
     if native:
-        assert x_c is not None
         rows = x.numel() // x.shape[c_dim]
         if rows <= 1:
             raise ValueError(f"{where}: expected more than 1 value per channel in training, got input shape "
                              f"{tuple(x.shape)} ({rows} value(s) per channel, {_where(group)})")
         if not update or skips is None:  # torch updates the running statistics itself
-            y = torch.batch_norm(x_c, weight, bias, running_mean, running_var, True, float(momentum), eps,
+            y = torch.batch_norm(x, weight, bias, running_mean, running_var, True, float(momentum), eps,
                                  torch.backends.cudnn.enabled)
             if update and num_batches_tracked is not None:
                 num_batches_tracked.add_(1)
-            return y.view(x.shape)
+            return y
         assert running_mean is not None and running_var is not None
-        new_mean, new_var = running_mean.detach().clone(), running_var.detach().clone()
-        y = torch.batch_norm(x_c, weight, bias, new_mean, new_var, True, float(momentum), eps,
-                             torch.backends.cudnn.enabled)
-        _commit_step(running_mean, running_var, num_batches_tracked, new_mean, new_var, skips)
-        return y.view(x.shape)
+        # torch updates copies (it saves them for backward); they replace the buffers unless the
+        # batch was not finite. A non-finite batch makes the new running variance NaN/Inf (its mean
+        # enters the variance), so checking that one suffices.
+        new = torch.stack([running_mean.detach(), running_var.detach()])
+        y = torch.batch_norm(x, weight, bias, new[0], new[1], True, float(momentum), eps, torch.backends.cudnn.enabled)
+        with torch.no_grad():
+            kept = torch.isfinite(new[1].sum(dtype=torch.float64)) | ~torch.isfinite(running_var.sum(dtype=torch.float64))
+            running_mean.copy_(torch.where(kept, new[0], running_mean))
+            running_var.copy_(torch.where(kept, new[1], running_var))
+            if num_batches_tracked is not None:
+                num_batches_tracked.add_(kept)
+            skips.add_(~kept)
+        return y
     mean64, var64, n = batch_norm_stats(x, c_dim, mask, group, where)
     sdt = stats_dtype(x.dtype)
     if update:

@@ -38,22 +38,31 @@ from torch import nn
 
 from distnorm.functional._norm_utils import pack_state, rank_of
 
-__all__ = ["SKIPS", "advances", "init_state", "read_state", "recomputing", "skips_of"]
+__all__ = ["GRAD_SKIPS", "SKIPS", "advances", "init_state", "read_state", "recomputing", "skips_of"]
 
 SKIPS = "num_nonfinite_skips"
+GRAD_SKIPS = "num_nonfinite_grad_skips"  # backward-updated statistics (PowerNorm's, UnifiedNorm's ema_gz)
 _STASH = "_distnorm_recompute_stash"
 _STASH_LIMIT = 8  # forwards that were never recomputed (e.g. under CPU offload hooks) age out
 
 
-def init_state(module: nn.Module, allow_nonfinite_stats: bool, device: torch.device | str | None) -> None:
-    """Set ``module.allow_nonfinite_stats`` and register the ``num_nonfinite_skips`` counter (not persistent)."""
+def init_state(module: nn.Module, allow_nonfinite_stats: bool, device: torch.device | str | None,
+               backward_stats: bool = False) -> None:
+    """Set ``module.allow_nonfinite_stats`` and register the skip counters (not persistent).
+
+    ``num_nonfinite_skips`` counts skipped forward updates; with ``backward_stats`` (statistics of
+    the gradients, updated in the backward) ``num_nonfinite_grad_skips`` counts skipped backward
+    updates. Two counters, because a buffer updated in both the forward and the backward graph
+    trips torch.compile's partitioner.
+    """
     module.allow_nonfinite_stats = bool(allow_nonfinite_stats)  # type: ignore[assignment]
-    module.register_buffer(SKIPS, torch.zeros((), dtype=torch.long, device=device), persistent=False)
+    for name in (SKIPS, GRAD_SKIPS) if backward_stats else (SKIPS,):
+        module.register_buffer(name, torch.zeros((), dtype=torch.long, device=device), persistent=False)
 
 
-def skips_of(module: nn.Module) -> torch.Tensor | None:
-    """The skip counter when the non-finite guard is on, else None (updates go through unguarded)."""
-    return None if getattr(module, "allow_nonfinite_stats", True) else getattr(module, SKIPS)
+def skips_of(module: nn.Module, name: str = SKIPS) -> torch.Tensor | None:
+    """The skip counter ``name`` when the non-finite guard is on, else None (updates go through unguarded)."""
+    return None if getattr(module, "allow_nonfinite_stats", True) else getattr(module, name)
 
 
 def recomputing() -> bool:

@@ -7,7 +7,7 @@ from torch import nn
 
 from distnorm import comm
 from distnorm.comm import Group
-from distnorm.data_parallel._state import SKIPS, init_state, read_state, skips_of
+from distnorm.data_parallel._state import GRAD_SKIPS, SKIPS, init_state, read_state, skips_of
 from distnorm.functional._norm_utils import (
     check_args,
     check_eps,
@@ -44,7 +44,8 @@ class PowerNorm(nn.Module):
 
     Non-finite batches: the running statistics are not updated from a batch whose synced statistics
     are NaN/Inf (counted in the non-persistent buffer ``num_nonfinite_skips``; the output still
-    propagates them) unless ``allow_nonfinite_stats=True``.
+    propagates them), nor ``ema_gz`` from non-finite gradients (counted in
+    ``num_nonfinite_grad_skips``), unless ``allow_nonfinite_stats=True``.
     """
 
     running_stat_buffers: tuple[str, ...] = ("running_phi",)
@@ -94,7 +95,7 @@ class PowerNorm(nn.Module):
         self.register_buffer("running_phi", torch.ones(num_features, device=device, dtype=torch.float32))
         self.register_buffer("ema_gz", torch.zeros(num_features, device=device, dtype=torch.float32))
         self.register_buffer("num_batches_tracked", torch.zeros((), device=device, dtype=torch.long))
-        init_state(self, allow_nonfinite_stats, device)
+        init_state(self, allow_nonfinite_stats, device, backward_stats=True)
         self.reset_parameters()
 
     def reset_running_stats(self) -> None:
@@ -102,6 +103,7 @@ class PowerNorm(nn.Module):
         self.ema_gz.zero_()
         self.num_batches_tracked.zero_()
         getattr(self, SKIPS).zero_()
+        getattr(self, GRAD_SKIPS).zero_()
 
     def reset_parameters(self) -> None:
         self.reset_running_stats()
@@ -122,7 +124,7 @@ class PowerNorm(nn.Module):
         state, fresh = read_state(self, names)
         y, new = power_norm_step(x_in, self.weight, self.bias, state, self.ema_gz, eps=self.eps,
                                  alpha_fwd=self.alpha_fwd, alpha_bkw=self.alpha_bkw, warmup_iters=self.warmup_iters,
-                                 channel_dim=c_dim, mask=mask, group=self.group, skips=skips_of(self))
+                                 channel_dim=c_dim, mask=mask, group=self.group, skips=skips_of(self, GRAD_SKIPS))
         if fresh:
             targets = [self.running_phi, self.num_batches_tracked]
             commit_(targets, unpack_state(new, targets), skips_of(self))

@@ -7,7 +7,7 @@ from torch import nn
 
 from distnorm import comm
 from distnorm.comm import Group
-from distnorm.data_parallel._state import SKIPS, init_state, read_state, skips_of
+from distnorm.data_parallel._state import GRAD_SKIPS, SKIPS, init_state, read_state, skips_of
 from distnorm.functional._norm_utils import (
     check_args,
     check_input,
@@ -41,7 +41,8 @@ class UnifiedNorm(nn.Module):
 
     Non-finite batches: the running statistics are not updated from a batch whose synced statistics
     are NaN/Inf (counted in the non-persistent buffer ``num_nonfinite_skips``; the output still
-    propagates them) unless ``allow_nonfinite_stats=True``.
+    propagates them), nor ``ema_gz`` from non-finite gradients (counted in
+    ``num_nonfinite_grad_skips``), unless ``allow_nonfinite_stats=True``.
     """
 
     running_stat_buffers: tuple[str, ...] = ("running_var",)
@@ -92,13 +93,13 @@ class UnifiedNorm(nn.Module):
         self.register_buffer("buffer_x2", torch.zeros(window_size, num_features, **f32))  # type: ignore[arg-type]
         self.register_buffer("buffer_gz", torch.zeros(window_size, num_features, **f32))  # type: ignore[arg-type]
         self.register_buffer("skip_counter", torch.zeros((), device=device, dtype=torch.long))
-        init_state(self, allow_nonfinite_stats, device)
+        init_state(self, allow_nonfinite_stats, device, backward_stats=True)
         self.reset_parameters()
 
     def reset_running_stats(self) -> None:
         self.running_var.fill_(1.0)
         for buf in (self.ema_gz, self.num_batches_tracked, self.buffer_x2, self.buffer_gz, self.skip_counter,
-                    getattr(self, SKIPS)):
+                    getattr(self, SKIPS), getattr(self, GRAD_SKIPS)):
             buf.zero_()
 
     def reset_parameters(self) -> None:
@@ -120,7 +121,7 @@ class UnifiedNorm(nn.Module):
             x, self.weight, self.bias, state, (self.ema_gz, self.buffer_gz), eps=self.eps, momentum=self.momentum,
             window_size=self.window_size, warmup_iters=self.warmup_iters, outlier_filtration=self.outlier_filtration,
             ratio_warmup_iters=self.ratio_warmup_iters, channel_dim=c_dim, mask=mask, group=self.group,
-            skips=skips_of(self))
+            skips=skips_of(self, GRAD_SKIPS))
         if fresh:
             targets = [getattr(self, name) for name in STATE_NAMES]
             commit_(targets, unpack_state(new, targets), skips_of(self))

@@ -118,19 +118,22 @@ def commit_(targets: Sequence[torch.Tensor], new: Sequence[torch.Tensor], skips:
 
 
 def pack_state(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """The values of ``tensors`` (running statistics, counters) as one float64 vector.
+    """The values of ``tensors`` (running statistics, counters) as one float64 vector (plus one 0).
 
     A ``torch.cat``: the AOT min-cut partitioner never recomputes a cat in the backward, so a
     compiled backward sees the values the forward read, not the buffers the forward then updated
-    in place (torch recomputes reads of mutated buffers otherwise: pytorch/pytorch#197039).
+    in place (torch recomputes reads of mutated buffers otherwise: pytorch/pytorch#197039). The
+    trailing 0 keeps the cat a cat: a single-input cat is simplified to a (recomputable) copy.
     """
-    return torch.cat([t.detach().reshape(-1).double() for t in tensors])
+    parts = [t.detach().reshape(-1).double() for t in tensors]
+    return torch.cat([*parts, parts[0].new_zeros(1)])
 
 
 def unpack_state(packed: torch.Tensor, like: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """Inverse of :func:`pack_state`: float64 views shaped like ``like``."""
-    parts = packed.split([t.numel() for t in like])
-    return [p.view(t.shape) for p, t in zip(parts, like, strict=True)]
+    """Inverse of :func:`pack_state` (trailing elements ignored): float64 views shaped like ``like``."""
+    sizes = [t.numel() for t in like]
+    parts = packed.split([*sizes, packed.numel() - sum(sizes)])
+    return [p.view(t.shape) for p, t in zip(parts, like, strict=False)]
 
 
 def vec_shape(x: torch.Tensor, c_dim: int) -> list[int]:

@@ -66,7 +66,7 @@ def batch_channel_norm_step(
     c = x.shape[c_dim]
     sdt = stats_dtype(x.dtype)
     vs = vec_shape(x, c_dim)
-    rm, rv, nbt = state.split([c, c, 1])
+    rm, rv, nbt = state[:c], state[c:2 * c], state[2 * c:2 * c + 1]
     if training:
         mean_b, var_b, n = synced_moments(x, channel_dim=c_dim, mask=mask, group=group)
         check_nonempty(n, "BatchChannelNorm", group)

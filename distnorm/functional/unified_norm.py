@@ -149,7 +149,7 @@ def unified_norm_step(
         n = sums[c]
         check_nonempty(n, "UnifiedNorm", group)
         x2 = sums[:c].double() / n.double()
-        rv, step, buf, skip_count = state.split([c, 1, window * c, 1])
+        rv, step, buf, skip_count = state[:c], state[c:c + 1], state[c + 1:c + 1 + window * c], state[-2:-1]
         buf = buf.view(window, c)
         t = step[0] + 1
         slot = (t % window).long().reshape(1)

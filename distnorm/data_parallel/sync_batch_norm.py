@@ -198,15 +198,17 @@ class SyncBatchNorm(_BatchNorm):
         if not self.training:  # no running statistics: this rank's batch, as torch
             return batch_norm_train(x, self.weight, self.bias, eps=self.eps, channel_dim=self.channel_dim, mask=mask,
                                     where=type(self).__name__)
-        update = self.track_running_stats and advances(self)  # a checkpoint recomputation updates nothing
+        track = self.track_running_stats and self.running_mean is not None
         momentum: float | torch.Tensor = 0.0 if self.momentum is None else self.momentum
-        if update and self.momentum is None:  # torch's cumulative average, on the device
+        if track and self.momentum is None:  # torch's cumulative average, on the device
             assert self.num_batches_tracked is not None
             momentum = 1.0 / (self.num_batches_tracked + 1).to(torch.float64)
         return batch_norm_train(
-            x, self.weight, self.bias, self.running_mean if update else None, self.running_var if update else None,
-            self.num_batches_tracked if update else None, momentum=momentum, eps=self.eps, group=self.group,
-            channel_dim=self.channel_dim, mask=mask, skips=skips_of(self), where=type(self).__name__,
+            x, self.weight, self.bias, self.running_mean if track else None, self.running_var if track else None,
+            self.num_batches_tracked if track else None, momentum=momentum, eps=self.eps, group=self.group,
+            channel_dim=self.channel_dim, mask=mask, skips=skips_of(self),
+            update=advances(self),  # a checkpoint recomputation updates nothing
+            where=type(self).__name__,
         )
 
     def extra_repr(self) -> str:

@@ -170,6 +170,7 @@ def batch_norm_train(
     channel_dim: int = 1,
     mask: torch.Tensor | None = None,
     skips: torch.Tensor | None = None,
+    update: bool = True,
     where: str = "batch_norm",
 ) -> torch.Tensor:
     """Training-mode batch norm over the global batch of ``group``; running statistics advance in place.
@@ -180,15 +181,17 @@ def batch_norm_train(
     float, or a 0-d tensor such as torch's cumulative ``1/(num_batches_tracked + 1)``) towards the
     global mean and *unbiased* variance; ``num_batches_tracked`` (if given) counts the step. With
     ``skips`` (a 0-d int tensor) a non-finite batch leaves every statistic as it was and counts one
-    skip (:func:`~distnorm.functional._norm_utils.commit_`). ``weight``/``bias`` gradients are this
-    rank's share (their sum over ranks is the one-process gradient), as in torch.
+    skip (:func:`~distnorm.functional._norm_utils.commit_`). ``update=False`` (an activation
+    checkpoint's recomputation) leaves them all as they are but takes the same path, so the
+    recomputation saves the same tensors. ``weight``/``bias`` gradients are this rank's share
+    (their sum over ranks is the one-process gradient), as in torch.
 
     Collectives (P > 1): fwd 1 all-reduce of ``2C + 1`` float64 (``8(2C + 1)`` bytes); bwd 1
     all-reduce of ``2C`` numbers in the stats dtype (``8C`` bytes; ``16C`` for float64 input), only
     when ``x`` needs a gradient. group None or P == 1: none (torch's kernels when unmasked).
     """
     c_dim = channel_dim % x.dim()
-    update = running_mean is not None and running_var is not None
+    tracked = running_mean is not None and running_var is not None
     native = (comm.group_size(group) == 1 and mask is None and _native_train_ok(x, c_dim)
               and not isinstance(momentum, torch.Tensor) and _native_ok(x, weight, bias, running_mean, running_var))
     if native:
@@ -196,29 +199,31 @@ def batch_norm_train(
         if rows <= 1:
             raise ValueError(f"{where}: expected more than 1 value per channel in training, got input shape "
                              f"{tuple(x.shape)} ({rows} value(s) per channel, {_where(group)})")
-        if not update or skips is None:  # torch updates the running statistics itself
+        if not tracked or (update and skips is None):  # torch updates the running statistics itself
             y = torch.batch_norm(x, weight, bias, running_mean, running_var, True, float(momentum), eps,
                                  torch.backends.cudnn.enabled)
-            if update and num_batches_tracked is not None:
+            if tracked and num_batches_tracked is not None:
                 num_batches_tracked.add_(1)
             return y
         assert running_mean is not None and running_var is not None
         # torch updates copies (it saves them for backward); they replace the buffers unless the
-        # batch was not finite. A non-finite batch makes the new running variance NaN/Inf (its mean
-        # enters the variance), so checking that one suffices.
+        # batch was not finite (or this is a recomputation). A non-finite batch makes the new
+        # running variance NaN/Inf (its mean enters the variance), so checking that one suffices.
         new = torch.stack([running_mean.detach(), running_var.detach()])
         y = torch.batch_norm(x, weight, bias, new[0], new[1], True, float(momentum), eps, torch.backends.cudnn.enabled)
-        with torch.no_grad():
-            kept = torch.isfinite(new[1].sum(dtype=torch.float64)) | ~torch.isfinite(running_var.sum(dtype=torch.float64))
-            running_mean.copy_(torch.where(kept, new[0], running_mean))
-            running_var.copy_(torch.where(kept, new[1], running_var))
-            if num_batches_tracked is not None:
-                num_batches_tracked.add_(kept)
-            skips.add_(~kept)
+        if update:
+            assert skips is not None
+            with torch.no_grad():
+                kept = torch.isfinite(new[1].sum(dtype=torch.float64)) | ~torch.isfinite(running_var.sum(dtype=torch.float64))
+                skips.add_(~kept)
+                running_mean.copy_(torch.where(kept, new[0], running_mean))
+                running_var.copy_(torch.where(kept, new[1], running_var))
+                if num_batches_tracked is not None:
+                    num_batches_tracked.add_(kept)
         return y
     mean64, var64, n = batch_norm_stats(x, c_dim, mask, group, where)
     sdt = stats_dtype(x.dtype)
-    if update:
+    if tracked and update:
         assert running_mean is not None and running_var is not None
         with torch.no_grad():
             unbiased = var64 * (n / (n - 1).clamp_min(1))

@@ -68,12 +68,9 @@ def synced_batch_norm(
     xs, w, b = x.to(sdt), _cast(weight, sdt), _cast(bias, sdt)
     if not training:
         return batch_norm_eval(xs, w, b, running_mean, running_var, eps=eps, channel_dim=channel_dim)
-    factor: float | torch.Tensor = 0.0 if momentum is None else momentum
-    if update and momentum is None:
-        factor = 1.0 / (num_batches_tracked + 1).to(torch.float64)
-    return batch_norm_train(xs, w, b, running_mean if update else None, running_var if update else None,
-                            num_batches_tracked if update else None, momentum=factor, eps=eps, group=group,
-                            channel_dim=channel_dim, mask=mask, skips=skips, where=where)
+    factor = 1.0 / (num_batches_tracked + 1).to(torch.float64) if momentum is None else momentum
+    return batch_norm_train(xs, w, b, running_mean, running_var, num_batches_tracked, momentum=factor, eps=eps,
+                            group=group, channel_dim=channel_dim, mask=mask, skips=skips, update=update, where=where)
 
 
 def rep_batch_norm(

@@ -19,8 +19,8 @@ Per channel, no mean subtraction: ``z = x / sqrt(psi^2 + eps)``, ``y = gamma * z
 
 Optional GroupScaling1D first: per token, divide each group of ``C / group_num`` channels by its
 root mean square plus ``group_scaling_eps`` (local, exact autograd). The authors fix that eps at
-1e-5 whatever the norm's ``eps``; so does the default here (at ``eps = 1e-3`` tying the two would
-change outputs by 0.73 relative on unit-scale data).
+1e-5 whatever the norm's ``eps``; so does the default here. (Tying it to ``eps = 1e-3`` changes a
+first-step output by 0.2% relative (L2) for unit-scale activations, 10% at scale 0.1, 37% at 0.03.)
 
 Data parallel: ``[sum_real x^2 (C), n (1)]`` is all-reduced in the forward (1 all-reduce,
 ``C + 1`` numbers) and ``sum_real g * z`` (C) in the backward (1 all-reduce), so every rank

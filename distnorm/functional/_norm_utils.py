@@ -161,6 +161,25 @@ def real_count(x: torch.Tensor, c_dim: int, mask: torch.Tensor | None, dtype: to
     return mask.to(dtype).sum().reshape(1)
 
 
+def synced_second_moment(
+    x: torch.Tensor, c_dim: int, mask: torch.Tensor | None, group: Group, where: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean of ``x²`` over the real elements of the global batch: ``(x2 [C] float64, n [])``.
+
+    No mean subtraction, so no cancellation: the raw sums ``[Σx², n]`` (stats dtype) travel as they
+    are. No autograd. An empty global batch fails (:func:`check_nonempty`).
+    Collectives (P > 1): 1 all-reduce of ``C + 1`` numbers in the stats dtype.
+    """
+    sdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    with torch.no_grad():
+        sums = torch.cat([channel_sum(x.to(sdt).square(), c_dim, mask_weight(x, c_dim, mask, sdt)),
+                          real_count(x, c_dim, mask, sdt)])
+        comm.all_reduce_(sums, group)
+        n = sums[-1]
+        check_nonempty(n, where, group)
+        return sums[:-1].double() / n.double(), n
+
+
 def group_moments(
     x: torch.Tensor, c_dim: int, groups: int, mask: torch.Tensor | None, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:

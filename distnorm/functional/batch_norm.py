@@ -78,6 +78,14 @@ def _native_train_ok(x: torch.Tensor, c_dim: int) -> bool:
     return c_dim == 1
 
 
+def _check_more_than_one_value(x: torch.Tensor, c_dim: int, group: Group, where: str) -> None:
+    """torch's rule for one process: training needs more than 1 value per channel (a shape check)."""
+    rows = x.numel() // x.shape[c_dim]
+    if rows <= 1:
+        raise ValueError(f"{where}: expected more than 1 value per channel in training, got input shape "
+                         f"{tuple(x.shape)} ({rows} value(s) per channel, {_where(group)})")
+
+
 def batch_norm_stats(
     x: torch.Tensor, c_dim: int, mask: torch.Tensor | None, group: Group, where: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -88,10 +96,7 @@ def batch_norm_stats(
     Collectives (P > 1): 1 all-reduce of ``2C + 1`` float64.
     """
     if comm.group_size(group) == 1 and mask is None:
-        rows = x.numel() // x.shape[c_dim]
-        if rows <= 1:
-            raise ValueError(f"{where}: expected more than 1 value per channel in training, got input shape "
-                             f"{tuple(x.shape)} ({rows} value(s) per channel, {_where(group)})")
+        _check_more_than_one_value(x, c_dim, group, where)
     mean, var, n = synced_moments(x, channel_dim=c_dim, mask=mask, group=group)
     if comm.group_size(group) > 1 or mask is not None:
         check_nonempty(n, where, group)
@@ -195,10 +200,7 @@ def batch_norm_train(
     native = (comm.group_size(group) == 1 and mask is None and _native_train_ok(x, c_dim)
               and not isinstance(momentum, torch.Tensor) and _native_ok(x, weight, bias, running_mean, running_var))
     if native:
-        rows = x.numel() // x.shape[c_dim]
-        if rows <= 1:
-            raise ValueError(f"{where}: expected more than 1 value per channel in training, got input shape "
-                             f"{tuple(x.shape)} ({rows} value(s) per channel, {_where(group)})")
+        _check_more_than_one_value(x, c_dim, group, where)
         if not tracked or (update and skips is None):  # torch updates the running statistics itself
             y = torch.batch_norm(x, weight, bias, running_mean, running_var, True, float(momentum), eps,
                                  torch.backends.cudnn.enabled)

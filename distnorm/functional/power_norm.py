@@ -38,12 +38,11 @@ from distnorm import comm
 from distnorm.comm import Group
 from distnorm.functional._norm_utils import (
     channel_sum,
-    check_nonempty,
     commit_,
     mask_weight,
     pack_state,
-    real_count,
     rows_ref,
+    synced_second_moment,
     unpack_state,
     vec_shape,
 )
@@ -143,13 +142,8 @@ def power_norm_step(
     c_dim = channel_dim % x.dim()
     sdt = stats_dtype(x.dtype)
     c = x.shape[c_dim]
+    psi_b2, n = synced_second_moment(x, c_dim, mask, group, "PowerNorm")
     with torch.no_grad():
-        sums = torch.cat([channel_sum(x.to(sdt).square(), c_dim, mask_weight(x, c_dim, mask, sdt)),
-                          real_count(x, c_dim, mask, sdt)])
-        comm.all_reduce_(sums, group)
-        n = sums[c]
-        check_nonempty(n, "PowerNorm", group)
-        psi_b2 = sums[:c].double() / n.double()
         phi, t = state[:c], state[c] + 1
         var = torch.where(t <= warmup_iters, psi_b2, phi)
         new_phi = torch.where(t < warmup_iters, phi + (psi_b2 - phi) / t, alpha_fwd * phi + (1 - alpha_fwd) * psi_b2)

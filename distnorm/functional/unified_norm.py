@@ -37,12 +37,11 @@ from distnorm import comm
 from distnorm.comm import Group
 from distnorm.functional._norm_utils import (
     channel_sum,
-    check_nonempty,
     commit_,
     mask_weight,
     pack_state,
-    real_count,
     rows_ref,
+    synced_second_moment,
     unpack_state,
     vec_shape,
 )
@@ -142,13 +141,8 @@ def unified_norm_step(
     c_dim = channel_dim % x.dim()
     sdt = stats_dtype(x.dtype)
     c, window = x.shape[c_dim], window_size
+    x2, n = synced_second_moment(x, c_dim, mask, group, "UnifiedNorm")
     with torch.no_grad():
-        sums = torch.cat([channel_sum(x.to(sdt).square(), c_dim, mask_weight(x, c_dim, mask, sdt)),
-                          real_count(x, c_dim, mask, sdt)])
-        comm.all_reduce_(sums, group)
-        n = sums[c]
-        check_nonempty(n, "UnifiedNorm", group)
-        x2 = sums[:c].double() / n.double()
         rv, step, buf, skip_count = state[:c], state[c:c + 1], state[c + 1:c + 1 + window * c], state[-2:-1]
         buf = buf.view(window, c)
         t = step[0] + 1

@@ -165,7 +165,7 @@ def _bn_shares(x, dy, params, world):
     y.backward(dy.double())
     x_hat = ((y - params[1].double().view(1, C, 1, 1)) / params[0].double().view(1, C, 1, 1)).detach()
     shares = [((d * h).sum((0, 2, 3)), d.sum((0, 2, 3))) for d, h in zip(_split(dy.double(), world), _split(x_hat, world))]
-    return y.detach(), x64.grad, shares, rm, rv
+    return y.detach(), x64.grad, shares, rm.detach(), rv.detach()
 
 
 @pytest.mark.parametrize("dtype", HALF)

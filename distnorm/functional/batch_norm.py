@@ -210,13 +210,14 @@ def batch_norm_train(
         assert running_mean is not None and running_var is not None
         # torch updates copies (it saves them for backward); they replace the buffers unless the
         # batch was not finite (or this is a recomputation). A non-finite batch makes the new
-        # running variance NaN/Inf (its mean enters the variance), so checking that one suffices.
+        # running variance NaN/Inf (its mean enters the variance), so checking that one suffices
+        # (statistics that are already NaN/Inf stay so either way: they only count skips then).
         new = torch.stack([running_mean.detach(), running_var.detach()])
         y = torch.batch_norm(x, weight, bias, new[0], new[1], True, float(momentum), eps, torch.backends.cudnn.enabled)
         if update:
             assert skips is not None
             with torch.no_grad():
-                kept = torch.isfinite(new[1].sum(dtype=torch.float64)) | ~torch.isfinite(running_var.sum(dtype=torch.float64))
+                kept = torch.isfinite(new[1].sum(dtype=torch.float64))
                 skips.add_(~kept)
                 running_mean.copy_(torch.where(kept, new[0], running_mean))
                 running_var.copy_(torch.where(kept, new[1], running_var))

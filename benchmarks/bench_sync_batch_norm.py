@@ -2,7 +2,8 @@
 
 Providers, each one training step (forward + backward) of a batch norm on this rank's batch:
 
-* ``distnorm``: :class:`distnorm.SyncBatchNorm` (fwd 1 all-reduce of 2C+1, bwd 1 all-reduce of 2C);
+* ``distnorm``: :class:`distnorm.SyncBatchNorm` (fwd 1 all-reduce of 2C+1 float64 exact moments,
+  bwd 1 all-reduce of 2C);
 * ``torch_algo``: a faithful gloo port of ``torch.nn.SyncBatchNorm`` (its kernels are CUDA-only):
   local mean/invstd, all-gather of ``world x [mean, invstd, count]``, host-side filtering of empty
   ranks by boolean indexing, Welford merge, backward all-reduce of ``[sum(dy), sum(dy (x - mu))]``;
@@ -19,8 +20,14 @@ local path of ``distnorm.SyncBatchNorm`` against ``torch.nn.BatchNorm`` at full 
 
     python benchmarks/bench_sync_batch_norm.py [--worlds 2 4 --scale 4 --steps 20]
     python benchmarks/bench_sync_batch_norm.py --device cuda
+    python benchmarks/bench_sync_batch_norm.py --accuracy
 
-Prints a table, writes ``benchmarks/out/bench_sync_batch_norm.json`` and ``.png``.
+Prints a table, writes ``benchmarks/out/bench_sync_batch_norm.json`` and ``.png``. ``--accuracy``
+instead measures a FRESH float32 module (running mean 0) on data with std 1 and mean 1e2 / 1e3 /
+1e4: max error of output, input gradient and weight gradient against float64, for
+``nn.BatchNorm2d`` / ``nn.BatchNorm1d`` (transposed ``[B, T, C]``) on the whole batch and for
+distnorm on worlds 1, 2 and 4 (simulated ranks, rank 0 empty); writes
+``bench_sync_batch_norm_accuracy.json``.
 """
 
 from __future__ import annotations
@@ -276,6 +283,59 @@ def _plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+ACCURACY_SHAPES = {"nchw": ((16, 8, 8, 8), 1), "btc": ((16, 32, 8), -1)}
+
+
+def _accuracy_rank(rank: int, world: int, x: torch.Tensor, dy: torch.Tensor, channel_dim: int) -> tuple[torch.Tensor, ...]:
+    from distnorm.testing import split_for_world
+
+    sizes = [x.shape[0]] if world == 1 else [0, *comm.shard_sizes(x.shape[0], world - 1)]  # rank 0 empty
+    bn = SyncBatchNorm(x.shape[channel_dim], group=dist.group.WORLD if world > 1 else None, channel_dim=channel_dim)
+    xs = split_for_world(x, world, sizes=sizes)[rank].clone().requires_grad_()
+    y = bn(xs)
+    y.backward(split_for_world(dy, world, sizes=sizes)[rank])
+    return y.detach(), xs.grad, bn.weight.grad
+
+
+def run_accuracy() -> list[dict]:
+    from distnorm.functional.reference import batch_norm_ref
+    from distnorm.testing import simulate
+
+    rows = []
+    for layout, (shape, channel_dim) in ACCURACY_SHAPES.items():
+        c = shape[channel_dim]
+        for mean in (1e2, 1e3, 1e4):
+            g = torch.Generator().manual_seed(0)
+            x = (mean + torch.randn(shape, generator=g, dtype=torch.float64)).float()
+            dy = torch.randn(shape, generator=g)
+            x64, w64 = x.double().requires_grad_(), torch.ones(c, dtype=torch.float64, requires_grad=True)
+            y64 = batch_norm_ref(x64, None, None, w64, channel_dim=channel_dim)[0]
+            y64.backward(dy.double())
+            ref = (y64.detach(), x64.grad, w64.grad)
+            torch_bn = (nn.BatchNorm2d if channel_dim == 1 else nn.BatchNorm1d)(c)
+            xt = x.clone().requires_grad_()
+            yt = torch_bn(xt) if channel_dim == 1 else torch_bn(xt.transpose(1, 2)).transpose(1, 2)
+            yt.backward(dy)
+            results = {"torch": (yt.detach(), xt.grad, torch_bn.weight.grad)}
+            for world in (1, 2, 4):
+                outs = simulate(world, _accuracy_rank, world, x, dy, channel_dim, timeout=120)
+                results[f"distnorm world {world}"] = (torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs]),
+                                                      sum(o[2] for o in outs))
+            for provider, got in results.items():
+                errs = [float((a.double() - b).abs().max()) for a, b in zip(got, ref, strict=True)]
+                rows.append({"layout": layout, "mean": mean, "provider": provider, "y": errs[0], "dx": errs[1],
+                             "dweight": errs[2]})
+    return rows
+
+
+def _accuracy_table(rows: list[dict]) -> str:
+    head = f"{'layout':7} {'mean':>6} {'provider':18} {'y err':>9} {'dx err':>9} {'dW err':>9}"
+    lines = [head, "-" * len(head)]
+    lines += [f"{r['layout']:7} {r['mean']:>6.0e} {r['provider']:18} {r['y']:>9.1e} {r['dx']:>9.1e} {r['dweight']:>9.1e}"
+              for r in rows]
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--worlds", type=int, nargs="+", default=[2, 4])
@@ -284,7 +344,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--accuracy", action="store_true", help="errors vs float64 of a fresh module at large |mean|")
     args = parser.parse_args()
+    if args.accuracy:
+        rows = run_accuracy()
+        print(_accuracy_table(rows))
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "bench_sync_batch_norm_accuracy.json").write_text(json.dumps(rows, indent=1))
+        return
     rows = run_cuda(args.warmup, args.steps) if args.device == "cuda" else run_cpu(args.worlds, args.scale, args.warmup, args.steps)
     print(_table(rows))
     if args.device == "cpu":

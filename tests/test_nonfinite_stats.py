@@ -28,11 +28,11 @@ def _buffers(norm):
 
 
 def _skips(buffers):
-    return sum(int(v) for k, v in buffers.items() if k.endswith("num_nonfinite_skips"))
+    return sum(int(v) for k, v in buffers.items() if k.endswith(("num_nonfinite_skips", "num_nonfinite_grad_skips")))
 
 
 def _stats(buffers):
-    return {k: v for k, v in buffers.items() if not k.endswith("num_nonfinite_skips") and k not in SCHEDULE}
+    return {k: v for k, v in buffers.items() if not k.endswith(("num_nonfinite_skips", "num_nonfinite_grad_skips")) and k not in SCHEDULE}
 
 
 def _step(norm, x_full, dy_full, rank, world):

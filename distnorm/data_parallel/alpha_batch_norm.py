@@ -18,8 +18,8 @@ import torch
 
 from distnorm import comm
 from distnorm.comm import Group
-from distnorm.data_parallel.sync_batch_norm import SyncBatchNorm, check_batch_not_empty, check_input, stats_dtype
-from distnorm.functional.batch_stats import channel_sums, channel_view
+from distnorm.data_parallel.sync_batch_norm import SyncBatchNorm, check_input
+from distnorm.functional.batch_norm import alpha_batch_norm
 
 __all__ = ["AlphaBatchNorm", "alpha_batch_norm", "alpha_batch_norm_ref"]
 
@@ -53,51 +53,6 @@ def alpha_batch_norm_ref(
     return y.movedim(-1, channel_dim)
 
 
-def alpha_batch_norm(
-    x: torch.Tensor,
-    running_mean: torch.Tensor,
-    running_var: torch.Tensor,
-    weight: torch.Tensor | None = None,
-    bias: torch.Tensor | None = None,
-    *,
-    alpha: float,
-    eps: float = 1e-5,
-    group: Group = None,
-    channel_dim: int = 1,
-    mask: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Normalise ``x`` with ``alpha``-mixed running and global test-batch statistics.
-
-    ``x [N, C, *]`` or ``[B, T, C]`` -> ``y`` of the same shape and dtype; stats float32 (float64
-    for float64 inputs); ``mask`` as in :func:`~distnorm.data_parallel.sync_batch_norm`.
-    Collectives (P > 1, alpha < 1): fwd 1 all-reduce of 2C + 1 numbers (4(2C + 1) bytes);
-    bwd 1 all-reduce of 2C + 1 numbers when ``x`` needs a gradient. alpha == 1, group None or
-    P == 1: none.
-    """
-    c_dim = channel_dim % x.dim()
-    dtype = stats_dtype(x)
-    rm, rv = running_mean.detach().to(dtype), running_var.detach().to(dtype)
-    if alpha == 1.0:
-        mean, var = rm, rv
-    else:
-        # Differentiable global sums: forward all-reduce, backward all-reduce (each rank's loss
-        # depends on every rank's statistics).
-        sums = comm.copy_to_group(comm.reduce_from_group(channel_sums(x, c_dim, mask, rm, dtype), group), group)
-        c = x.shape[c_dim]
-        count = sums[2 * c].detach()
-        check_batch_not_empty(x, count, c_dim, mask, group, "AlphaBatchNorm")
-        d = sums[:c] / count
-        var_b = (sums[c:2 * c] / count - d.square()).clamp_min(0)
-        mean = rm + (1 - alpha) * d  # alpha * rm + (1 - alpha) * (rm + d)
-        var = alpha * rv + (1 - alpha) * var_b
-    scale = torch.rsqrt(var + eps)
-    if weight is not None:
-        scale = scale * weight.to(dtype)
-    offset = -mean * scale if bias is None else bias.to(dtype) - mean * scale
-    ndim = x.dim()
-    return torch.addcmul(channel_view(offset, ndim, c_dim), x.to(dtype), channel_view(scale, ndim, c_dim)).to(x.dtype)
-
-
 class AlphaBatchNorm(SyncBatchNorm):
     """:class:`SyncBatchNorm` whose eval mode calibrates with the test batch (α-BN).
 
@@ -105,7 +60,8 @@ class AlphaBatchNorm(SyncBatchNorm):
     ``track_running_stats`` must stay True. State dict as ``torch.nn.BatchNorm``. Training: exactly
     :class:`SyncBatchNorm`. Eval: :func:`alpha_batch_norm` (running stats untouched).
     Collectives: training as :class:`SyncBatchNorm`; eval with alpha < 1 and P > 1: fwd 1
-    all-reduce of 2C + 1 float32, bwd 1 all-reduce of 2C + 1 float32 if ``x`` needs a gradient.
+    all-reduce of 2C + 1 float64, bwd 1 all-reduce of 2C float32 (float64 for float64 input) if
+    ``x`` needs a gradient.
     """
 
     def __init__(
@@ -139,6 +95,7 @@ class AlphaBatchNorm(SyncBatchNorm):
         if self.training:
             return super().forward(x, mask)
         check_input(x, self.num_features, self.channel_dim, mask, self.group, type(self).__name__)
+        self._check_params(x)
         assert self.running_mean is not None and self.running_var is not None  # track_running_stats=True
         return alpha_batch_norm(
             x, self.running_mean, self.running_var, self.weight, self.bias, alpha=self.alpha, eps=self.eps,

@@ -7,9 +7,19 @@ from torch import nn
 
 from distnorm import comm
 from distnorm.comm import Group
-from distnorm.data_parallel._nonfinite import guard_running_stats, init_nonfinite_guard
-from distnorm.functional._norm_utils import check_args, check_input, rank_of
-from distnorm.functional.batch_channel_norm import batch_channel_norm
+from distnorm.data_parallel._state import SKIPS, init_state, read_state, skips_of
+from distnorm.functional._norm_utils import (
+    check_args,
+    check_eps,
+    check_input,
+    check_params,
+    check_rows,
+    commit_,
+    pack_state,
+    rank_of,
+    unpack_state,
+)
+from distnorm.functional.batch_channel_norm import batch_channel_norm_step
 
 __all__ = ["BatchChannelNorm"]
 
@@ -49,6 +59,7 @@ class BatchChannelNorm(nn.Module):
         momentum: float = 0.1,
         affine: bool = True,
         *,
+        estbn_eps: float = 1e-5,
         group: Group = None,
         channel_dim: int = 1,
         allow_nonfinite_stats: bool = False,
@@ -62,7 +73,9 @@ class BatchChannelNorm(nn.Module):
                              f"{num_groups} (rank {rank_of(group)})")
         if not 0.0 <= momentum <= 1.0:
             raise ValueError(f"BatchChannelNorm: momentum must be in [0, 1], got {momentum} (rank {rank_of(group)})")
+        check_eps("BatchChannelNorm", "estbn_eps", estbn_eps, group)
         factory = {"device": device, "dtype": dtype}
+        self.estbn_eps = float(estbn_eps)
         self.num_features, self.num_groups, self.eps, self.momentum = num_features, num_groups, eps, momentum
         self.affine, self.group, self.channel_dim = affine, group, channel_dim
         for name in ("weight", "bias", "cn_weight", "cn_bias"):
@@ -73,13 +86,14 @@ class BatchChannelNorm(nn.Module):
         self.register_buffer("running_mean", torch.zeros(num_features, device=device, dtype=torch.float32))
         self.register_buffer("running_var", torch.ones(num_features, device=device, dtype=torch.float32))
         self.register_buffer("num_batches_tracked", torch.zeros((), device=device, dtype=torch.long))
-        init_nonfinite_guard(self, allow_nonfinite_stats, device)
+        init_state(self, allow_nonfinite_stats, device)
         self.reset_parameters()
 
     def reset_running_stats(self) -> None:
         self.running_mean.zero_()
         self.running_var.fill_(1.0)
         self.num_batches_tracked.zero_()
+        getattr(self, SKIPS).zero_()
 
     def reset_parameters(self) -> None:
         self.reset_running_stats()
@@ -88,13 +102,26 @@ class BatchChannelNorm(nn.Module):
                 nn.init.constant_(p, value)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        check_input(x, self.num_features, self.channel_dim, mask, "BatchChannelNorm", self)
-        return guard_running_stats(self, lambda: batch_channel_norm(
-            x, self.weight, self.bias, self.cn_weight, self.cn_bias, self.running_mean, self.running_var,
-            self.num_batches_tracked, num_groups=self.num_groups, training=self.training, momentum=self.momentum,
-            eps=self.eps, channel_dim=self.channel_dim, mask=mask, group=self.group,
-        ))
+        c_dim = check_input(x, self.num_features, self.channel_dim, mask, "BatchChannelNorm", self)
+        c = (self.num_features,)
+        check_params("BatchChannelNorm", self.group, weight=(self.weight, c), bias=(self.bias, c),
+                     cn_weight=(self.cn_weight, c), cn_bias=(self.cn_bias, c))
+        names = ("running_mean", "running_var", "num_batches_tracked")
+        if self.training:
+            check_rows(x, c_dim, mask, "BatchChannelNorm", self.group)
+            state, fresh = read_state(self, names)
+        else:
+            state, fresh = pack_state([getattr(self, n) for n in names]), False
+        y, new = batch_channel_norm_step(
+            x, self.weight, self.bias, self.cn_weight, self.cn_bias, state, num_groups=self.num_groups,
+            training=self.training, momentum=self.momentum, eps=self.eps, estbn_eps=self.estbn_eps, channel_dim=c_dim,
+            mask=mask, group=self.group)
+        if fresh:
+            targets = [getattr(self, n) for n in names]
+            commit_(targets, unpack_state(new, targets), skips_of(self))
+        return y
 
     def extra_repr(self) -> str:
-        return (f"{self.num_features}, num_groups={self.num_groups}, eps={self.eps}, momentum={self.momentum}, "
+        return (f"{self.num_features}, num_groups={self.num_groups}, eps={self.eps}, estbn_eps={self.estbn_eps}, "
+                f"momentum={self.momentum}, "
                 f"affine={self.affine}, channel_dim={self.channel_dim}, group_size={comm.group_size(self.group)}")

@@ -7,8 +7,8 @@ from torch import nn
 
 from distnorm import comm
 from distnorm.comm import Group
-from distnorm.data_parallel._nonfinite import guard_running_stats, init_nonfinite_guard
-from distnorm.functional._norm_utils import check_args, check_input, rank_of
+from distnorm.data_parallel._state import SKIPS, advances, init_state, skips_of
+from distnorm.functional._norm_utils import check_args, check_input, check_params, check_rows, rank_of
 from distnorm.functional.evo_norm import evo_norm_b0, evo_norm_s0
 
 __all__ = ["EvoNormB0", "EvoNormS0"]
@@ -22,8 +22,9 @@ class EvoNormB0(nn.Module):
     global batch over ``group`` in training (``running_var`` in eval), ``var_I`` the per-sample,
     per-channel variance over positions.
 
-    Collectives in training (P > 1): fwd 1 all-reduce of ``2C + 1`` fp64 numbers; bwd 1 all-reduce
-    of ``2C + 1`` fp64 numbers. Eval, ``group`` None or P == 1: none.
+    Collectives in training (P > 1): fwd 1 all-reduce of ``2C + 1`` fp64 numbers (exact moments
+    ``[n·m, M2 + n·m², n]``); bwd 1 all-reduce of ``2C + 1`` fp64 numbers. Eval, ``group`` None or
+    P == 1: none.
 
     Non-finite batches: the running statistics are not updated from a batch whose synced statistics
     are NaN/Inf (counted in the non-persistent buffer ``num_nonfinite_skips``; the output still
@@ -58,12 +59,13 @@ class EvoNormB0(nn.Module):
         self.v = nn.Parameter(torch.empty(num_features, **factory))  # type: ignore[arg-type]
         self.register_buffer("running_var", torch.ones(num_features, device=device, dtype=torch.float32))
         self.register_buffer("num_batches_tracked", torch.zeros((), device=device, dtype=torch.long))
-        init_nonfinite_guard(self, allow_nonfinite_stats, device)
+        init_state(self, allow_nonfinite_stats, device)
         self.reset_parameters()
 
     def reset_running_stats(self) -> None:
         self.running_var.fill_(1.0)
         self.num_batches_tracked.zero_()
+        getattr(self, SKIPS).zero_()
 
     def reset_parameters(self) -> None:
         self.reset_running_stats()
@@ -72,10 +74,15 @@ class EvoNormB0(nn.Module):
         nn.init.ones_(self.v)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        check_input(x, self.num_features, self.channel_dim, mask, "EvoNormB0", self)
-        return guard_running_stats(self, lambda: evo_norm_b0(
+        c_dim = check_input(x, self.num_features, self.channel_dim, mask, "EvoNormB0", self)
+        c = (self.num_features,)
+        check_params("EvoNormB0", self.group, weight=(self.weight, c), bias=(self.bias, c), v=(self.v, c))
+        if self.training:
+            check_rows(x, c_dim, mask, "EvoNormB0", self.group)
+        return evo_norm_b0(
             x, self.weight, self.bias, self.v, self.running_var, self.num_batches_tracked, training=self.training,
-            momentum=self.momentum, eps=self.eps, channel_dim=self.channel_dim, mask=mask, group=self.group))
+            momentum=self.momentum, eps=self.eps, channel_dim=self.channel_dim, mask=mask, group=self.group,
+            update=advances(self), skips=skips_of(self))
 
     def extra_repr(self) -> str:
         return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, channel_dim={self.channel_dim}, "
@@ -124,6 +131,8 @@ class EvoNormS0(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         check_input(x, self.num_features, self.channel_dim, mask, "EvoNormS0", self)
+        c = (self.num_features,)
+        check_params("EvoNormS0", self.group, weight=(self.weight, c), bias=(self.bias, c), v=(self.v, c))
         return evo_norm_s0(x, self.weight, self.bias, self.v, groups=self.groups, eps=self.eps,
                            channel_dim=self.channel_dim, mask=mask)
 

@@ -7,9 +7,19 @@ from torch import nn
 
 from distnorm import comm
 from distnorm.comm import Group
-from distnorm.data_parallel._nonfinite import guard_running_stats, init_nonfinite_guard
-from distnorm.functional._norm_utils import check_args, check_input, rank_of, scale_shift_fold
-from distnorm.functional.power_norm import power_norm
+from distnorm.data_parallel._state import GRAD_SKIPS, SKIPS, init_state, read_state, skips_of
+from distnorm.functional._norm_utils import (
+    check_args,
+    check_eps,
+    check_input,
+    check_params,
+    check_rows,
+    commit_,
+    rank_of,
+    scale_shift_fold,
+    unpack_state,
+)
+from distnorm.functional.power_norm import group_scaling, power_norm_eval, power_norm_step
 
 __all__ = ["PowerNorm"]
 
@@ -22,17 +32,20 @@ class PowerNorm(nn.Module):
     real token) keeps padding out of every statistic. See :mod:`distnorm.functional.power_norm`
     for the algorithm (running ``psi^2``: cumulative average for ``warmup_iters`` steps then EMA
     ``alpha_fwd``; approximate backward with the running ``ema_gz``, rate ``alpha_bkw``).
-    ``group_num`` turns on GroupScaling1D (per-token RMS over ``C / group_num`` channel groups).
+    ``group_num`` turns on GroupScaling1D (per-token RMS over ``C / group_num`` channel groups),
+    whose own ``group_scaling_eps`` is the authors' fixed 1e-5 by default (not ``eps``).
 
     Collectives in training (P > 1): fwd 1 all-reduce of ``C + 1`` fp32 numbers
     (``[sum x^2, n]``); bwd 1 all-reduce of ``C`` fp32 numbers (``sum g*z``). fp64 for fp64 input.
     Eval, ``group`` None or P == 1: none. Every rank ends each step with identical buffers.
 
-    One forward/backward per optimizer step: the step counter and ``ema_gz`` advance per call.
+    One forward/backward per optimizer step: the step counter and ``ema_gz`` advance per call
+    (once per step under activation checkpointing and torch.compile too).
 
     Non-finite batches: the running statistics are not updated from a batch whose synced statistics
     are NaN/Inf (counted in the non-persistent buffer ``num_nonfinite_skips``; the output still
-    propagates them) unless ``allow_nonfinite_stats=True``.
+    propagates them), nor ``ema_gz`` from non-finite gradients (counted in
+    ``num_nonfinite_grad_skips``), unless ``allow_nonfinite_stats=True``.
     """
 
     running_stat_buffers: tuple[str, ...] = ("running_phi",)
@@ -50,6 +63,7 @@ class PowerNorm(nn.Module):
         affine: bool = True,
         group_num: int | None = None,
         *,
+        group_scaling_eps: float = 1e-5,
         group: Group = None,
         channel_dim: int = -1,
         allow_nonfinite_stats: bool = False,
@@ -66,7 +80,9 @@ class PowerNorm(nn.Module):
         if group_num is not None and (group_num < 1 or num_features % group_num):
             raise ValueError(f"PowerNorm: group_num must divide num_features={num_features}, got {group_num} "
                              f"(rank {rank_of(group)})")
+        check_eps("PowerNorm", "group_scaling_eps", group_scaling_eps, group)
         factory = {"device": device, "dtype": dtype}
+        self.group_scaling_eps = float(group_scaling_eps)
         self.num_features, self.eps, self.alpha_fwd, self.alpha_bkw = num_features, eps, alpha_fwd, alpha_bkw
         self.warmup_iters, self.affine, self.group_num = warmup_iters, affine, group_num
         self.group, self.channel_dim = group, channel_dim
@@ -79,13 +95,15 @@ class PowerNorm(nn.Module):
         self.register_buffer("running_phi", torch.ones(num_features, device=device, dtype=torch.float32))
         self.register_buffer("ema_gz", torch.zeros(num_features, device=device, dtype=torch.float32))
         self.register_buffer("num_batches_tracked", torch.zeros((), device=device, dtype=torch.long))
-        init_nonfinite_guard(self, allow_nonfinite_stats, device)
+        init_state(self, allow_nonfinite_stats, device, backward_stats=True)
         self.reset_parameters()
 
     def reset_running_stats(self) -> None:
         self.running_phi.fill_(1.0)
         self.ema_gz.zero_()
         self.num_batches_tracked.zero_()
+        getattr(self, SKIPS).zero_()
+        getattr(self, GRAD_SKIPS).zero_()
 
     def reset_parameters(self) -> None:
         self.reset_running_stats()
@@ -94,13 +112,23 @@ class PowerNorm(nn.Module):
             nn.init.zeros_(self.bias)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        check_input(x, self.num_features, self.channel_dim, mask, "PowerNorm", self)
-        return guard_running_stats(self, lambda: power_norm(
-            x, self.weight, self.bias, self.running_phi, self.ema_gz, self.num_batches_tracked,
-            training=self.training, eps=self.eps, alpha_fwd=self.alpha_fwd, alpha_bkw=self.alpha_bkw,
-            warmup_iters=self.warmup_iters, group_num=self.group_num, channel_dim=self.channel_dim,
-            mask=mask, group=self.group,
-        ), backward_buffers=("ema_gz",))
+        c_dim = check_input(x, self.num_features, self.channel_dim, mask, "PowerNorm", self)
+        c = (self.num_features,)
+        check_params("PowerNorm", self.group, weight=(self.weight, c), bias=(self.bias, c))
+        x_in = x if self.group_num is None else group_scaling(x, self.group_num, self.group_scaling_eps, c_dim)
+        if not self.training:
+            return power_norm_eval(x_in, self.weight, self.bias, self.running_phi, eps=self.eps,
+                                   channel_dim=c_dim).to(x.dtype)
+        check_rows(x, c_dim, mask, "PowerNorm", self.group)
+        names = ("running_phi", "num_batches_tracked")
+        state, fresh = read_state(self, names)
+        y, new = power_norm_step(x_in, self.weight, self.bias, state, self.ema_gz, eps=self.eps,
+                                 alpha_fwd=self.alpha_fwd, alpha_bkw=self.alpha_bkw, warmup_iters=self.warmup_iters,
+                                 channel_dim=c_dim, mask=mask, group=self.group, skips=skips_of(self, GRAD_SKIPS))
+        if fresh:
+            targets = [self.running_phi, self.num_batches_tracked]
+            commit_(targets, unpack_state(new, targets), skips_of(self))
+        return y.to(x.dtype)
 
     def fold_scale_shift(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Eval form as a per-channel affine map: ``y = x * scale + shift`` (fp32 ``[C]`` each).
@@ -116,4 +144,5 @@ class PowerNorm(nn.Module):
     def extra_repr(self) -> str:
         return (f"{self.num_features}, eps={self.eps}, alpha_fwd={self.alpha_fwd}, alpha_bkw={self.alpha_bkw}, "
                 f"warmup_iters={self.warmup_iters}, affine={self.affine}, group_num={self.group_num}, "
+                f"group_scaling_eps={self.group_scaling_eps}, "
                 f"channel_dim={self.channel_dim}, group_size={comm.group_size(self.group)}")

@@ -7,8 +7,8 @@ from torch import nn
 
 from distnorm import comm
 from distnorm.comm import Group
-from distnorm.data_parallel._nonfinite import guard_running_stats, init_nonfinite_guard
-from distnorm.functional._norm_utils import check_args, check_input, rank_of
+from distnorm.data_parallel._state import SKIPS, advances, init_state, read_state, skips_of
+from distnorm.functional._norm_utils import check_args, check_input, check_params, check_rows, commit_, rank_of
 from distnorm.functional.rep_batch_norm import layer_norm_channels, progressive_lambda, rep_batch_norm
 
 __all__ = ["ProgressiveRepBN", "RepBatchNorm"]
@@ -23,9 +23,10 @@ class RepBatchNorm(nn.Module):
     concatenated batch; ranks with an empty batch take part). Eval is one per-channel affine map,
     :meth:`fold_scale_shift`.
 
-    Collectives in training (P > 1): fwd 1 all-reduce of ``2C + 1`` fp32 numbers (shifted
-    ``[sum x, sum x^2, n]``); bwd 1 all-reduce of ``2C + 1`` fp32 numbers (their gradient). fp64
-    for fp64 input. Eval, ``group`` None or P == 1: none.
+    Collectives in training (P > 1): fwd 1 all-reduce of ``2C + 1`` float64 numbers (exact
+    moments ``[n·m, M2 + n·m², n]``); bwd 1 all-reduce of ``2C`` fp32 numbers (``[Σdy, Σdy·x̂]``;
+    fp64 for fp64 input). Eval, ``group`` None or P == 1: none; ``group`` None or P == 1 without a
+    mask runs torch's native batch-norm kernels. A checkpoint recomputation updates nothing.
 
     Non-finite batches: the running statistics are not updated from a batch whose synced statistics
     are NaN/Inf (counted in the non-persistent buffer ``num_nonfinite_skips``; the output still
@@ -67,13 +68,14 @@ class RepBatchNorm(nn.Module):
         self.register_buffer("running_mean", torch.zeros(num_features, device=device, dtype=torch.float32))
         self.register_buffer("running_var", torch.ones(num_features, device=device, dtype=torch.float32))
         self.register_buffer("num_batches_tracked", torch.zeros((), device=device, dtype=torch.long))
-        init_nonfinite_guard(self, allow_nonfinite_stats, device)
+        init_state(self, allow_nonfinite_stats, device)
         self.reset_parameters()
 
     def reset_running_stats(self) -> None:
         self.running_mean.zero_()
         self.running_var.fill_(1.0)
         self.num_batches_tracked.zero_()
+        getattr(self, SKIPS).zero_()
 
     def reset_parameters(self) -> None:
         self.reset_running_stats()
@@ -83,11 +85,15 @@ class RepBatchNorm(nn.Module):
             nn.init.zeros_(self.bias)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        check_input(x, self.num_features, self.channel_dim, mask, "RepBatchNorm", self)
-        return guard_running_stats(self, lambda: rep_batch_norm(
+        c_dim = check_input(x, self.num_features, self.channel_dim, mask, "RepBatchNorm", self)
+        c = (self.num_features,)
+        check_params("RepBatchNorm", self.group, weight=(self.weight, c), bias=(self.bias, c), alpha=(self.alpha, (1,)))
+        if self.training:
+            check_rows(x, c_dim, mask, "RepBatchNorm", self.group)
+        return rep_batch_norm(
             x, self.weight, self.bias, self.alpha, self.running_mean, self.running_var, self.num_batches_tracked,
             training=self.training, momentum=self.momentum, eps=self.eps, channel_dim=self.channel_dim, mask=mask,
-            group=self.group))
+            group=self.group, update=advances(self), skips=skips_of(self))
 
     def fold_scale_shift(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Eval form as a per-channel affine map ``y = x * scale + shift`` (fp32 ``[C]`` each)."""
@@ -158,15 +164,32 @@ class ProgressiveRepBN(nn.Module):
                                    allow_nonfinite_stats=allow_nonfinite_stats, device=device, dtype=dtype)
         self.register_buffer("step", torch.zeros((), device=device, dtype=torch.long))
 
+    def reset_running_stats(self) -> None:
+        """Fresh statistics (the RepBatchNorm branch's) and a schedule back at step 0."""
+        self.rep_bn.reset_running_stats()
+        self.step.zero_()
+
+    def reset_parameters(self) -> None:
+        """A freshly constructed module's parameters and buffers (after ``to_empty()`` from meta too)."""
+        self.layer_norm.reset_parameters()
+        self.rep_bn.reset_parameters()
+        self.step.zero_()
+
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         check_input(x, self.num_features, self.channel_dim, mask, "ProgressiveRepBN", self)
+        c = (self.num_features,)
+        check_params("ProgressiveRepBN", self.rep_bn.group, **{"layer_norm.weight": (self.layer_norm.weight, c),
+                                                               "layer_norm.bias": (self.layer_norm.bias, c)})
         if not self.training:
             return self.rep_bn(x, mask)
+        # the schedule's clock, as this step's first forward read it (checkpoint recomputation, compile)
+        step, fresh = read_state(self, ("step",))
         xs = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x  # one cast for both branches' grads
-        lam = progressive_lambda(self.step, self.warmup_steps, self.decay_steps).to(xs.dtype)
+        lam = progressive_lambda(step[0], self.warmup_steps, self.decay_steps).to(xs.dtype)
         y_ln = layer_norm_channels(xs, self.layer_norm.weight, self.layer_norm.bias, self.layer_norm.eps, self.channel_dim)
         y_bn = self.rep_bn(xs, mask)
-        self.step.add_(1)
+        if fresh:
+            commit_([self.step], [step[0] + 1], None)  # a clock: it advances even past a skipped batch
         return (lam * y_ln + (1 - lam) * y_bn).to(x.dtype)
 
     def fold_scale_shift(self) -> tuple[torch.Tensor, torch.Tensor]:

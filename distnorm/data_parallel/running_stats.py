@@ -24,7 +24,7 @@ from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 
 from distnorm import comm
 from distnorm.comm import Group
-from distnorm.functional.batch_stats import channel_sums
+from distnorm.functional.batch_stats import local_moments, merge_moments
 
 __all__ = ["broadcast_running_stats", "recalibrate", "running_stat_buffers", "sync_running_stats"]
 
@@ -134,8 +134,8 @@ def recalibrate(model: nn.Module, batches: Iterable[Any], group: Group = None) -
     is put in training mode, every other module in eval mode (dropout off), and ``model`` runs on
     each local batch (a tensor, a tuple of args or a dict of kwargs) without gradients. So each
     norm normalises with its batch statistics exactly as in training, and sees the input training
-    would give it. A forward pre-hook accumulates, in float64, the shifted per-channel sums
-    ``[sum(x - s), sum((x - s)^2), n]`` of every element the norm sees (``mask=`` keyword
+    would give it. A forward pre-hook accumulates, in float64, the exact per-channel moments
+    ``[n·(m - s), M2 + n·(m - s)², n]`` (per batch two-pass, :func:`local_moments`) of every element the norm sees (``mask=`` keyword
     respected; ``s`` = the old running mean). After the last batch, one all-reduce over ``group``
     of all norms' sums together gives the population over every batch of every rank, and
 
@@ -161,7 +161,7 @@ def recalibrate(model: nn.Module, batches: Iterable[Any], group: Group = None) -
 
     def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         mask = kwargs.get("mask", args[1] if len(args) > 1 else None)
-        sums[module] += channel_sums(args[0], getattr(module, "channel_dim", 1), mask, shifts[module], torch.float64)
+        sums[module] += local_moments(args[0], getattr(module, "channel_dim", 1), mask, shifts[module])
 
     saved = {m: [t.clone() for t in (m.running_mean, m.running_var, m.num_batches_tracked) if t is not None] for m in norms}
     handles = []
@@ -176,12 +176,10 @@ def recalibrate(model: nn.Module, batches: Iterable[Any], group: Group = None) -
             flat = torch.cat([sums[m] for m in norms])
             comm.all_reduce_(flat, group)
             for m, part in zip(norms, flat.split([2 * m.num_features + 1 for m in norms]), strict=True):
-                c = m.num_features
-                n = part[2 * c]
-                d = part[:c] / n
-                var = (part[c:2 * c] / n - d.square()).clamp_min(0) * (n / (n - 1).clamp_min(1))
+                mean, var, n = merge_moments(part, shifts[m])
+                var = var * (n / (n - 1).clamp_min(1))
                 seen = n > 0
-                m.running_mean.copy_(torch.where(seen, shifts[m] + d, shifts[m]))  # type: ignore[union-attr]
+                m.running_mean.copy_(torch.where(seen, mean, shifts[m]))  # type: ignore[union-attr]
                 m.running_var.copy_(torch.where(seen, var, saved[m][1].double()))  # type: ignore[union-attr]
         for m in norms:  # the training-mode forwards counted steps: undo that
             if m.num_batches_tracked is not None:

@@ -7,9 +7,19 @@ from torch import nn
 
 from distnorm import comm
 from distnorm.comm import Group
-from distnorm.data_parallel._nonfinite import guard_running_stats, init_nonfinite_guard
-from distnorm.functional._norm_utils import check_args, check_input, rank_of, scale_shift_fold
-from distnorm.functional.unified_norm import unified_norm
+from distnorm.data_parallel._state import GRAD_SKIPS, SKIPS, init_state, read_state, skips_of
+from distnorm.functional._norm_utils import (
+    check_args,
+    check_input,
+    check_params,
+    check_rows,
+    commit_,
+    rank_of,
+    scale_shift_fold,
+    unpack_state,
+)
+from distnorm.functional.power_norm import power_norm_eval
+from distnorm.functional.unified_norm import STATE_NAMES, unified_norm_step
 
 __all__ = ["UnifiedNorm"]
 
@@ -31,7 +41,8 @@ class UnifiedNorm(nn.Module):
 
     Non-finite batches: the running statistics are not updated from a batch whose synced statistics
     are NaN/Inf (counted in the non-persistent buffer ``num_nonfinite_skips``; the output still
-    propagates them) unless ``allow_nonfinite_stats=True``.
+    propagates them), nor ``ema_gz`` from non-finite gradients (counted in
+    ``num_nonfinite_grad_skips``), unless ``allow_nonfinite_stats=True``.
     """
 
     running_stat_buffers: tuple[str, ...] = ("running_var",)
@@ -82,12 +93,13 @@ class UnifiedNorm(nn.Module):
         self.register_buffer("buffer_x2", torch.zeros(window_size, num_features, **f32))  # type: ignore[arg-type]
         self.register_buffer("buffer_gz", torch.zeros(window_size, num_features, **f32))  # type: ignore[arg-type]
         self.register_buffer("skip_counter", torch.zeros((), device=device, dtype=torch.long))
-        init_nonfinite_guard(self, allow_nonfinite_stats, device)
+        init_state(self, allow_nonfinite_stats, device, backward_stats=True)
         self.reset_parameters()
 
     def reset_running_stats(self) -> None:
         self.running_var.fill_(1.0)
-        for buf in (self.ema_gz, self.num_batches_tracked, self.buffer_x2, self.buffer_gz, self.skip_counter):
+        for buf in (self.ema_gz, self.num_batches_tracked, self.buffer_x2, self.buffer_gz, self.skip_counter,
+                    getattr(self, SKIPS), getattr(self, GRAD_SKIPS)):
             buf.zero_()
 
     def reset_parameters(self) -> None:
@@ -97,13 +109,23 @@ class UnifiedNorm(nn.Module):
             nn.init.zeros_(self.bias)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        check_input(x, self.num_features, self.channel_dim, mask, "UnifiedNorm", self)
-        state = (self.running_var, self.ema_gz, self.num_batches_tracked, self.buffer_x2, self.buffer_gz, self.skip_counter)
-        return guard_running_stats(self, lambda: unified_norm(
-            x, self.weight, self.bias, state, training=self.training, eps=self.eps, momentum=self.momentum,
+        c_dim = check_input(x, self.num_features, self.channel_dim, mask, "UnifiedNorm", self)
+        c = (self.num_features,)
+        check_params("UnifiedNorm", self.group, weight=(self.weight, c), bias=(self.bias, c))
+        if not self.training:
+            return power_norm_eval(x, self.weight, self.bias, self.running_var, eps=self.eps,
+                                   channel_dim=c_dim).to(x.dtype)
+        check_rows(x, c_dim, mask, "UnifiedNorm", self.group)
+        state, fresh = read_state(self, STATE_NAMES)
+        y, new = unified_norm_step(
+            x, self.weight, self.bias, state, (self.ema_gz, self.buffer_gz), eps=self.eps, momentum=self.momentum,
             window_size=self.window_size, warmup_iters=self.warmup_iters, outlier_filtration=self.outlier_filtration,
-            ratio_warmup_iters=self.ratio_warmup_iters, channel_dim=self.channel_dim, mask=mask, group=self.group,
-        ), backward_buffers=("ema_gz", "buffer_gz"))
+            ratio_warmup_iters=self.ratio_warmup_iters, channel_dim=c_dim, mask=mask, group=self.group,
+            skips=skips_of(self, GRAD_SKIPS))
+        if fresh:
+            targets = [getattr(self, name) for name in STATE_NAMES]
+            commit_(targets, unpack_state(new, targets), skips_of(self))
+        return y
 
     def fold_scale_shift(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Eval form as a per-channel affine map: ``y = x * scale + shift`` (fp32 ``[C]`` each)."""

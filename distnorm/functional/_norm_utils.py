@@ -7,7 +7,7 @@ Private: the public functional APIs live in ``power_norm.py``, ``unified_norm.py
 from __future__ import annotations
 
 import math
-from typing import Any
+from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
@@ -27,8 +27,13 @@ def check_args(where: str, group: Group, num_features: object, eps: object) -> N
     comm.group_size(group)  # a non-group is a TypeError naming it
     if not isinstance(num_features, int) or isinstance(num_features, bool) or num_features < 1:
         raise ValueError(f"{where}: num_features must be an int >= 1, got {num_features!r} (rank {rank_of(group)})")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
-        raise ValueError(f"{where}: eps must be a finite float >= 0, got {eps!r} (rank {rank_of(group)})")
+    check_eps(where, "eps", eps, group)
+
+
+def check_eps(where: str, name: str, value: object, group: Group) -> None:
+    """An epsilon argument must be a finite float >= 0: a ValueError naming ``name`` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{where}: {name} must be a finite float >= 0, got {value!r} (rank {rank_of(group)})")
 
 
 def check_input(x: torch.Tensor, num_features: int, channel_dim: int, mask: torch.Tensor | None, where: str,
@@ -57,17 +62,78 @@ def check_input(x: torch.Tensor, num_features: int, channel_dim: int, mask: torc
 
 
 def check_nonempty(n: torch.Tensor, where: str, group: Group) -> None:
-    """Raise when the global batch has no real element.
+    """Fail when the global batch (count ``n``, already all-reduced) has no real element.
 
-    On CPU the count is already on the host, so this is a plain check. On an accelerator it is an
-    asynchronous device assert (no host sync): the error surfaces at the next synchronisation.
+    The count is data, so a host check would be the very sync the algorithms avoid:
+    ``torch._assert_async`` checks it on the device (on CPU a RuntimeError at once, on CUDA a device
+    assert at the next synchronisation; traceable by torch.compile). Every rank holds the same
+    count, so all fail together and nobody hangs in the next collective.
     """
-    if n.device.type == "cpu":
-        if not bool(n > 0):
-            raise ValueError(f"{where}: the global batch has no real elements (every rank's input is empty "
-                             f"or fully masked) in training mode (rank {rank_of(group)})")
-    else:
-        torch._assert_async(n > 0, f"{where}: the global batch has no real elements in training mode")
+    torch._assert_async(
+        n > 0,
+        f"{where}: the global batch has no real elements (every rank's input is empty or fully masked) "
+        f"in training mode (rank {comm.group_rank(group)} of {comm.group_size(group)})",
+    )
+
+
+def check_rows(x: torch.Tensor, c_dim: int, mask: torch.Tensor | None, where: str, group: Group) -> None:
+    """Shape-only emptiness check: one rank, no mask and no element is a ValueError before any work."""
+    if mask is None and comm.group_size(group) == 1 and x.numel() == 0:
+        raise ValueError(f"{where}: the global batch has no real elements (input shape {tuple(x.shape)}) in "
+                         f"training mode (rank {rank_of(group)})")
+
+
+def check_params(where: str, group: Group, **params: tuple[torch.Tensor | None, tuple[int, ...]]) -> None:
+    """Each ``name=(tensor, expected_shape)`` must have exactly that shape, as torch's own norms insist.
+
+    A parameter of the wrong shape (assigned, loaded with ``strict=False``, or passed through
+    ``torch.func.functional_call``) would otherwise broadcast silently. Shapes only: no host sync.
+    """
+    for name, (t, shape) in params.items():
+        if t is not None and tuple(t.shape) != shape:
+            raise ValueError(f"{where}: parameter {name} must have shape {shape}, got {tuple(t.shape)} "
+                             f"(rank {rank_of(group)})")
+
+
+def commit_(targets: Sequence[torch.Tensor], new: Sequence[torch.Tensor], skips: torch.Tensor | None) -> None:
+    """Write ``new`` into the state tensors ``targets`` in place (no autograd), as one step.
+
+    ``skips`` given (the non-finite guard): if every floating target is finite now and the update
+    would make one NaN/Inf, nothing changes (every target keeps its value, counters included) and
+    ``skips`` counts one. The decision is a device tensor (``torch.where``): no host sync,
+    traceable; it costs two float64 sums, so it adds a handful of tiny ops per step.
+    """
+    with torch.no_grad():
+        if skips is None:
+            for t, v in zip(targets, new, strict=True):
+                t.copy_(v)
+            return
+        floats = [i for i, t in enumerate(targets) if t.is_floating_point()]
+        old_total = torch.cat([targets[i].reshape(-1) for i in floats]).sum(dtype=torch.float64)
+        new_total = torch.cat([new[i].reshape(-1).to(targets[i].dtype) for i in floats]).sum(dtype=torch.float64)
+        spoiled = torch.isfinite(old_total) & ~torch.isfinite(new_total)  # a NaN/Inf anywhere makes the sum one
+        for t, v in zip(targets, new, strict=True):
+            t.copy_(torch.where(spoiled, t, v.to(t.dtype)))
+        skips.add_(spoiled.to(skips.dtype))
+
+
+def pack_state(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The values of ``tensors`` (running statistics, counters) as one float64 vector (plus one 0).
+
+    A ``torch.cat``: the AOT min-cut partitioner never recomputes a cat in the backward, so a
+    compiled backward sees the values the forward read, not the buffers the forward then updated
+    in place (torch recomputes reads of mutated buffers otherwise: pytorch/pytorch#197039). The
+    trailing 0 keeps the cat a cat: a single-input cat is simplified to a (recomputable) copy.
+    """
+    parts = [t.detach().reshape(-1).double() for t in tensors]
+    return torch.cat([*parts, parts[0].new_zeros(1)])
+
+
+def unpack_state(packed: torch.Tensor, like: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Inverse of :func:`pack_state` (trailing elements ignored): float64 views shaped like ``like``."""
+    sizes = [t.numel() for t in like]
+    parts = packed.split([*sizes, packed.numel() - sum(sizes)])
+    return [p.view(t.shape) for p, t in zip(parts, like, strict=False)]
 
 
 def vec_shape(x: torch.Tensor, c_dim: int) -> list[int]:
@@ -95,27 +161,23 @@ def real_count(x: torch.Tensor, c_dim: int, mask: torch.Tensor | None, dtype: to
     return mask.to(dtype).sum().reshape(1)
 
 
-class _AllReduceBothWaysFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, t: torch.Tensor, group: Group) -> torch.Tensor:
-        ctx.group = group
-        return comm.all_reduce_(t.contiguous().clone(), group)
+def synced_second_moment(
+    x: torch.Tensor, c_dim: int, mask: torch.Tensor | None, group: Group, where: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean of ``x²`` over the real elements of the global batch: ``(x2 [C] float64, n [])``.
 
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return comm.all_reduce_(grad.contiguous().clone(), ctx.group), None
-
-
-def synced_sum(t: torch.Tensor, group: Group) -> torch.Tensor:
-    """Forward: all-reduce (sum) of per-rank partial sums. Backward: all-reduce (sum) of the gradient.
-
-    The data-parallel conjugate pair: every rank uses the global sum, and each rank's loss depends
-    on it, so the gradient of the global loss w.r.t. the sum is the sum of every rank's gradient.
-    Collectives (P > 1): fwd 1 all-reduce of ``t.nbytes``; bwd 1 all-reduce of ``t.nbytes``.
+    No mean subtraction, so no cancellation: the raw sums ``[Σx², n]`` (stats dtype) travel as they
+    are. No autograd. An empty global batch fails (:func:`check_nonempty`).
+    Collectives (P > 1): 1 all-reduce of ``C + 1`` numbers in the stats dtype.
     """
-    if comm.group_size(group) == 1:
-        return t
-    return _AllReduceBothWaysFn.apply(t, group)
+    sdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    with torch.no_grad():
+        sums = torch.cat([channel_sum(x.to(sdt).square(), c_dim, mask_weight(x, c_dim, mask, sdt)),
+                          real_count(x, c_dim, mask, sdt)])
+        comm.all_reduce_(sums, group)
+        n = sums[-1]
+        check_nonempty(n, where, group)
+        return sums[:-1].double() / n.double(), n
 
 
 def group_moments(

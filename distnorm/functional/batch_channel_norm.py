@@ -6,13 +6,16 @@ BCN = estimated BatchNorm (EstBN) followed by a channel normalization (GroupNorm
 * EstBN normalises with *running estimates* and passes no gradient through them. In training the
   estimates move first, then normalise: ``mu = (1 - r) mu + r mean_B``,
   ``sigma^2 = (1 - r) sigma^2 + r mean_B((x - mu_old)^2)`` (the authors' code: the second moment
-  around the previous estimate), ``x_b = gamma_b (x - mu) / sqrt(sigma^2 + eps) + beta_b``;
+  around the previous estimate), ``x_b = gamma_b (x - mu) / sqrt(sigma^2 + estbn_eps) + beta_b``
+  with the authors' fixed ``estbn_eps = 1e-5`` (their EstBN hard-codes it; the norm's ``eps``
+  is the channel normalization's, as in their ``BCNorm``);
 * channel normalization: per sample, ``num_groups`` groups of channels normalised over
   (C / G channels x positions), then a per-channel affine ``gamma_c, beta_c`` (as
   ``torch.nn.GroupNorm``; the authors' code uses one scalar per group).
 
-Data parallel: the estimates are updated from the global batch (1 all-reduce of ``2C + 1``
-numbers, shifted by ``mu_old``; no gradient, so nothing in the backward). The channel
+Data parallel: the estimates are updated from the exact moments of the global batch (1 all-reduce
+of ``2C + 1`` float64, :func:`~distnorm.functional.batch_stats.synced_moments`; no gradient, so
+nothing in the backward). The channel
 normalization is per sample: local. ``mask`` keeps padded positions out of both statistics.
 """
 
@@ -20,12 +23,68 @@ from __future__ import annotations
 
 import torch
 
-from distnorm import comm
 from distnorm.comm import Group
-from distnorm.functional._norm_utils import check_nonempty, group_moments, group_moments_ref, rows_ref, vec_shape
-from distnorm.functional.batch_stats import channel_sums
+from distnorm.functional._norm_utils import (
+    check_nonempty,
+    commit_,
+    group_moments,
+    group_moments_ref,
+    pack_state,
+    rows_ref,
+    unpack_state,
+    vec_shape,
+)
+from distnorm.functional.batch_stats import stats_dtype, synced_moments
 
-__all__ = ["batch_channel_norm", "batch_channel_norm_ref"]
+__all__ = ["batch_channel_norm", "batch_channel_norm_ref", "batch_channel_norm_step"]
+
+
+def batch_channel_norm_step(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    cn_weight: torch.Tensor | None,
+    cn_bias: torch.Tensor | None,
+    state: torch.Tensor,
+    *,
+    num_groups: int,
+    training: bool,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    estbn_eps: float = 1e-5,
+    channel_dim: int = 1,
+    mask: torch.Tensor | None = None,
+    group: Group = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """BCN from an explicit state: ``(y, new_state)``; the caller commits ``new_state`` in training.
+
+    ``state`` = float64 :func:`~distnorm.functional._norm_utils.pack_state` of ``(running_mean [C],
+    running_var [C], num_batches_tracked [])`` before the step. Collectives in training (P > 1):
+    fwd 1 all-reduce of ``2C + 1`` float64; bwd none. Eval: none.
+    """
+    c_dim = channel_dim % x.dim()
+    c = x.shape[c_dim]
+    sdt = stats_dtype(x.dtype)
+    vs = vec_shape(x, c_dim)
+    rm, rv, nbt = state[:c], state[c:2 * c], state[2 * c:2 * c + 1]
+    if training:
+        mean_b, var_b, n = synced_moments(x, channel_dim=c_dim, mask=mask, group=group)
+        check_nonempty(n, "BatchChannelNorm", group)
+        rv = (1 - momentum) * rv + momentum * (var_b + (mean_b - rm).square())  # around the old estimate
+        rm = rm + momentum * (mean_b - rm)
+        nbt = nbt + 1
+    xb = (x.to(sdt) - rm.to(sdt).view(vs)) * torch.rsqrt(rv + estbn_eps).to(sdt).view(vs)
+    if weight is not None:
+        xb = xb * weight.to(sdt).view(vs)
+    if bias is not None:
+        xb = xb + bias.to(sdt).view(vs)
+    mean, var = group_moments(xb, c_dim, num_groups, mask, sdt)
+    y = (xb - mean) * torch.rsqrt(var + eps)
+    if cn_weight is not None:
+        y = y * cn_weight.to(sdt).view(vs)
+    if cn_bias is not None:
+        y = y + cn_bias.to(sdt).view(vs)
+    return y.to(x.dtype), torch.cat([rm, rv, nbt])
 
 
 def batch_channel_norm(
@@ -42,6 +101,7 @@ def batch_channel_norm(
     training: bool,
     momentum: float = 0.1,
     eps: float = 1e-5,
+    estbn_eps: float = 1e-5,
     channel_dim: int = 1,
     mask: torch.Tensor | None = None,
     group: Group = None,
@@ -49,39 +109,21 @@ def batch_channel_norm(
     """BCN of ``x [..C..]`` -> ``y`` of ``x``'s shape and dtype (stats fp32, fp64 for fp64 input).
 
     Training updates ``running_mean``, ``running_var``, ``num_batches_tracked`` in place.
-    Collectives in training (P > 1): fwd 1 all-reduce of ``2C + 1`` numbers; bwd none. Eval,
+    Collectives in training (P > 1): fwd 1 all-reduce of ``2C + 1`` float64; bwd none. Eval,
     ``group`` None or P == 1: none.
     """
-    c_dim = channel_dim % x.dim()
-    sdt = torch.float64 if x.dtype == torch.float64 else torch.float32
-    vs = vec_shape(x, c_dim)
+    state = [running_mean, running_var, num_batches_tracked]
+    y, new = batch_channel_norm_step(x, weight, bias, cn_weight, cn_bias, pack_state(state), num_groups=num_groups,
+                                     training=training, momentum=momentum, eps=eps, estbn_eps=estbn_eps,
+                                     channel_dim=channel_dim, mask=mask, group=group)
     if training:
-        with torch.no_grad():
-            c = x.shape[c_dim]
-            shift = running_mean.to(sdt)
-            sums = comm.all_reduce_(channel_sums(x.detach(), c_dim, mask, shift, sdt), group)
-            n = sums[2 * c]
-            check_nonempty(n, "BatchChannelNorm", group)
-            running_mean.copy_(shift + momentum * sums[:c] / n)
-            running_var.copy_((1 - momentum) * running_var.to(sdt) + momentum * sums[c:2 * c] / n)
-            num_batches_tracked.add_(1)
-    xb = (x.to(sdt) - running_mean.to(sdt).view(vs)) * torch.rsqrt(running_var.to(sdt) + eps).view(vs)
-    if weight is not None:
-        xb = xb * weight.to(sdt).view(vs)
-    if bias is not None:
-        xb = xb + bias.to(sdt).view(vs)
-    mean, var = group_moments(xb, c_dim, num_groups, mask, sdt)
-    y = (xb - mean) * torch.rsqrt(var + eps)
-    if cn_weight is not None:
-        y = y * cn_weight.to(sdt).view(vs)
-    if cn_bias is not None:
-        y = y + cn_bias.to(sdt).view(vs)
-    return y.to(x.dtype)
+        commit_(state, unpack_state(new, state), None)
+    return y
 
 
 def batch_channel_norm_ref(
     x: torch.Tensor, params: dict[str, torch.Tensor], state: dict[str, torch.Tensor], *, num_groups: int,
-    training: bool = True, momentum: float = 0.1, eps: float = 1e-5, channel_dim: int = 1,
+    training: bool = True, momentum: float = 0.1, eps: float = 1e-5, estbn_eps: float = 1e-5, channel_dim: int = 1,
     mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Float64 BCN on the whole batch, differentiable in ``x`` and ``params`` -> ``(y, new_state)``.
@@ -98,7 +140,7 @@ def batch_channel_norm_ref(
         rows = rows_ref(x.detach(), c_dim, mask)
         rm, rv = (1 - momentum) * rm + momentum * rows.mean(0), (1 - momentum) * rv + momentum * (rows - rm).square().mean(0)
         nbt += 1
-    xb = (x.double() - rm.view(shape)) / torch.sqrt(rv + eps).view(shape)
+    xb = (x.double() - rm.view(shape)) / torch.sqrt(rv + estbn_eps).view(shape)
     xb = xb * params["weight"].double().view(shape) + params["bias"].double().view(shape)
     mean, var = group_moments_ref(xb, c_dim, num_groups, mask)
     y = (xb - mean) / torch.sqrt(var + eps)

@@ -7,9 +7,9 @@
 * EvoNorm-S0: ``y = x * sigmoid(v * x) / sqrt(var_G(x) + eps) * gamma + beta`` with ``var_G`` the
   per-sample variance over a group of ``C / G`` channels and all positions. No batch statistics.
 
-Data parallel: B0's batch variance comes from ``[sum x, sum x^2, n]`` all-reduced in float64 (no
-running mean to shift by, so float64 keeps ``E[x^2] - E[x]^2`` exact), with an all-reduce of its
-gradient in the backward. Instance and group variances are per sample: local. ``mask`` keeps
+Data parallel: B0's batch variance comes from the exact per-rank moments ``[n·m, M2 + n·m², n]``
+all-reduced in float64 (:func:`~distnorm.functional.batch_stats.synced_moments`), with an
+all-reduce of their gradient in the backward. Instance and group variances are per sample: local. ``mask`` keeps
 padded positions out of every statistic.
 """
 
@@ -20,19 +20,15 @@ import torch
 from distnorm.comm import Group
 from distnorm.functional._norm_utils import (
     check_nonempty,
+    commit_,
     group_moments,
     group_moments_ref,
     rows_ref,
-    synced_sum,
     vec_shape,
 )
-from distnorm.functional.batch_stats import channel_sums
+from distnorm.functional.batch_stats import stats_dtype, synced_moments
 
 __all__ = ["evo_norm_b0", "evo_norm_b0_ref", "evo_norm_s0", "evo_norm_s0_ref"]
-
-
-def _stats_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _affine(y: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, vs: list[int]) -> torch.Tensor:
@@ -57,28 +53,29 @@ def evo_norm_b0(
     channel_dim: int = 1,
     mask: torch.Tensor | None = None,
     group: Group = None,
+    update: bool = True,
+    skips: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """EvoNorm-B0 of ``x [..C..]`` -> ``y`` of ``x``'s shape and dtype.
 
-    Collectives in training (P > 1): fwd 1 all-reduce of ``2C + 1`` fp64 numbers; bwd 1
-    all-reduce of ``2C + 1`` fp64 numbers (the gradient of the batch variance). Eval, ``group``
-    None or P == 1: none.
+    Training with ``update`` moves ``running_var`` towards the unbiased global-batch variance and
+    counts the step (guarded by ``skips`` when given; a checkpoint recomputation passes
+    ``update=False``). Collectives in training (P > 1): fwd 1 all-reduce of ``2C + 1`` fp64
+    numbers; bwd 1 all-reduce of ``2C + 1`` fp64 numbers (the gradient of the batch moments).
+    Eval, ``group`` None or P == 1: none.
     """
     c_dim = channel_dim % x.dim()
-    sdt = _stats_dtype(x)
+    sdt = stats_dtype(x.dtype)
     vs = vec_shape(x, c_dim)
     xs = x.to(sdt)  # one cast: every path's gradient meets in the stats dtype
     if training:
-        c = x.shape[c_dim]
-        sums = synced_sum(channel_sums(xs, c_dim, mask, None, torch.float64), group)
-        n = sums[2 * c]
+        _, var_b64, n = synced_moments(xs, channel_dim=c_dim, mask=mask, group=group, differentiable=True)
         check_nonempty(n.detach(), "EvoNormB0", group)
-        mean = sums[:c] / n
-        var_b64 = (sums[c:2 * c] / n - mean.square()).clamp_min(0)
-        with torch.no_grad():
-            unbiased = var_b64 * n / (n - 1).clamp_min(1)
-            running_var.copy_((1 - momentum) * running_var.double() + momentum * unbiased)
-            num_batches_tracked.add_(1)
+        if update:
+            with torch.no_grad():
+                unbiased = var_b64 * n / (n - 1).clamp_min(1)
+                new_var = (1 - momentum) * running_var.double() + momentum * unbiased
+                commit_([running_var, num_batches_tracked], [new_var, num_batches_tracked + 1], skips)
         var_b = var_b64.to(sdt)
     else:
         var_b = running_var.to(sdt)
@@ -100,7 +97,7 @@ def evo_norm_s0(
 ) -> torch.Tensor:
     """EvoNorm-S0 of ``x [..C..]`` -> ``y`` of ``x``'s shape and dtype. Collectives: none."""
     c_dim = channel_dim % x.dim()
-    sdt = _stats_dtype(x)
+    sdt = stats_dtype(x.dtype)
     vs = vec_shape(x, c_dim)
     xs = x.to(sdt)
     _, var_g = group_moments(xs, c_dim, groups, mask, sdt)

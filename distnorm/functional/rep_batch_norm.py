@@ -9,9 +9,9 @@ Linear Attention and Progressive Re-parameterized Batch Normalization").
   before training does (SLAB issues #3 and #6: a schedule that has not finished leaves the model
   evaluated in a form it never trained in).
 
-The batch statistics are those of the global data-parallel batch: local shifted sums
-``[sum(x - rm), sum((x - rm)^2), n]`` are all-reduced once in the forward and their gradient once
-in the backward (:func:`synced_sum`), so autograd gives exactly the single-process gradients.
+The batch statistics are those of the global data-parallel batch, from the one batch-norm op of
+:mod:`distnorm.functional.batch_norm` (exact moments, one all-reduce each way; torch's native
+kernels when no statistic crosses ranks), so autograd gives exactly the single-process gradients.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from distnorm.comm import Group
-from distnorm.functional._norm_utils import check_nonempty, synced_sum, vec_shape
-from distnorm.functional.batch_stats import channel_sums
+from distnorm.functional.batch_norm import batch_norm_eval, batch_norm_train
+from distnorm.functional.batch_stats import stats_dtype
 from distnorm.functional.reference import batch_norm_ref, layer_norm_ref
 
 __all__ = [
@@ -33,8 +33,8 @@ __all__ = [
 ]
 
 
-def _stats_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return None if t is None else t.to(dtype)
 
 
 def synced_batch_norm(
@@ -52,41 +52,25 @@ def synced_batch_norm(
     mask: torch.Tensor | None = None,
     group: Group = None,
     where: str = "synced_batch_norm",
+    update: bool = True,
+    skips: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """BatchNorm over the global batch of ``group``, differentiable, in the stats dtype (fp32/fp64).
 
-    ``x [..C..] -> y`` (same shape, stats dtype). Training updates the running stats in place
-    (unbiased variance from the global count; ``momentum=None``: cumulative average).
-    Collectives in training (P > 1): fwd 1 all-reduce of ``2C + 1`` numbers; bwd 1 all-reduce of
-    ``2C + 1`` numbers. Eval, ``group`` None or P == 1: none.
+    ``x [..C..] -> y`` (same shape, stats dtype). Training with ``update`` advances the running
+    stats in place (unbiased variance from the global count; ``momentum=None``: cumulative average
+    over ``num_batches_tracked``), guarded by ``skips`` when given. The op is
+    :func:`~distnorm.functional.batch_norm.batch_norm_train`. Collectives in training (P > 1):
+    fwd 1 all-reduce of ``2C + 1`` float64; bwd 1 all-reduce of ``2C`` numbers (stats dtype).
+    Eval, ``group`` None or P == 1: none.
     """
-    c_dim = channel_dim % x.dim()
-    sdt = _stats_dtype(x)
-    vs = vec_shape(x, c_dim)
-    xs = x.to(sdt)
-    if training:
-        shift = running_mean.detach().to(sdt)
-        sums = synced_sum(channel_sums(xs, c_dim, mask, shift, sdt), group)
-        c = x.shape[c_dim]
-        n = sums[2 * c]
-        check_nonempty(n.detach(), where, group)
-        d = sums[:c] / n
-        var = (sums[c:2 * c] / n - d.square()).clamp_min(0)
-        mean = shift + d
-        with torch.no_grad():
-            num_batches_tracked.add_(1)
-            factor = 1.0 / num_batches_tracked.to(sdt) if momentum is None else momentum
-            unbiased = var * n / (n - 1).clamp_min(1)
-            running_mean.copy_((1 - factor) * running_mean.to(sdt) + factor * mean)
-            running_var.copy_((1 - factor) * running_var.to(sdt) + factor * unbiased)
-    else:
-        mean, var = running_mean.to(sdt), running_var.to(sdt)
-    y = (xs - mean.view(vs)) * torch.rsqrt(var + eps).view(vs)
-    if weight is not None:
-        y = y * weight.to(sdt).view(vs)
-    if bias is not None:
-        y = y + bias.to(sdt).view(vs)
-    return y
+    sdt = stats_dtype(x.dtype)
+    xs, w, b = x.to(sdt), _cast(weight, sdt), _cast(bias, sdt)
+    if not training:
+        return batch_norm_eval(xs, w, b, running_mean, running_var, eps=eps, channel_dim=channel_dim)
+    factor = 1.0 / (num_batches_tracked + 1).to(torch.float64) if momentum is None else momentum
+    return batch_norm_train(xs, w, b, running_mean, running_var, num_batches_tracked, momentum=factor, eps=eps,
+                            group=group, channel_dim=channel_dim, mask=mask, skips=skips, update=update, where=where)
 
 
 def rep_batch_norm(
@@ -104,16 +88,18 @@ def rep_batch_norm(
     channel_dim: int = -1,
     mask: torch.Tensor | None = None,
     group: Group = None,
+    update: bool = True,
+    skips: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``BN(x) + alpha * x`` over the global batch -> ``x``'s shape and dtype.
 
-    Collectives: those of :func:`synced_batch_norm` (training, P > 1: 1 all-reduce of ``2C + 1``
-    numbers each way); none in eval.
+    Collectives: those of :func:`synced_batch_norm` (training, P > 1: fwd 1 all-reduce of
+    ``2C + 1`` float64, bwd 1 all-reduce of ``2C`` numbers); none in eval.
     """
-    xs = x.to(_stats_dtype(x))  # one cast: every path's gradient meets in the stats dtype
+    xs = x.to(stats_dtype(x.dtype))  # one cast: every path's gradient meets in the stats dtype
     y = synced_batch_norm(xs, weight, bias, running_mean, running_var, num_batches_tracked, training=training,
                           momentum=momentum, eps=eps, channel_dim=channel_dim, mask=mask, group=group,
-                          where="RepBatchNorm")
+                          where="RepBatchNorm", update=update, skips=skips)
     return (y + alpha.to(y.dtype) * xs).to(x.dtype)
 
 
@@ -126,7 +112,7 @@ def layer_norm_channels(x: torch.Tensor, weight: torch.Tensor | None, bias: torc
                         channel_dim: int) -> torch.Tensor:
     """LayerNorm over the channel dim (per token), in the stats dtype."""
     c_dim = channel_dim % x.dim()
-    xs = x.to(_stats_dtype(x)).movedim(c_dim, -1)
+    xs = x.to(stats_dtype(x.dtype)).movedim(c_dim, -1)
     w = None if weight is None else weight.to(xs.dtype)
     b = None if bias is None else bias.to(xs.dtype)
     return F.layer_norm(xs, (xs.shape[-1],), w, b, eps).movedim(-1, c_dim)

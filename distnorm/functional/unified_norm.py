@@ -35,15 +35,22 @@ import torch
 
 from distnorm import comm
 from distnorm.comm import Group
-from distnorm.functional._norm_utils import channel_sum, check_nonempty, mask_weight, real_count, rows_ref, vec_shape
+from distnorm.functional._norm_utils import (
+    channel_sum,
+    commit_,
+    mask_weight,
+    pack_state,
+    rows_ref,
+    synced_second_moment,
+    unpack_state,
+    vec_shape,
+)
+from distnorm.functional.batch_stats import stats_dtype
+from distnorm.functional.power_norm import power_norm_eval
 
-__all__ = ["unified_norm", "unified_norm_ref"]
+__all__ = ["unified_norm", "unified_norm_ref", "unified_norm_step"]
 
 RATIO_MIN, RATIO_MAX = 0.2, 5.0
-
-
-def _stats_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _geo_mean(buf: torch.Tensor) -> torch.Tensor:
@@ -51,61 +58,37 @@ def _geo_mean(buf: torch.Tensor) -> torch.Tensor:
 
 
 class _UnifiedNormFn(torch.autograd.Function):
+    """``x -> gamma * x * scale + beta`` with UN's ratio-compensated approximate backward.
+
+    ``ema_gz``, ``buffer_gz`` (and ``skips``, or None) advance in the backward: ctx attributes,
+    not saved tensors, so two forwards may precede one backward.
+    """
+
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
-        state: tuple[torch.Tensor, ...], mask: torch.Tensor | None,
-        hparams: tuple[float, float, int, int, bool, int, int], group: Group,
+        ctx: Any, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, scale: torch.Tensor,
+        ratio: torch.Tensor, step_info: torch.Tensor, n: torch.Tensor, backward_state: tuple[torch.Tensor, ...],
+        skips: torch.Tensor | None, mask: torch.Tensor | None, hparams: tuple[float, int, int, int], group: Group,
     ) -> torch.Tensor:
-        running_var, ema_gz, step, buffer_x2, buffer_gz, skip_counter = state
-        eps, momentum, window, warmup_iters, outlier_filtration, ratio_warmup_iters, c_dim = hparams
-        sdt = _stats_dtype(x)
-        xs = x.to(sdt)
-        sums = torch.cat([channel_sum(xs.square(), c_dim, mask_weight(x, c_dim, mask, sdt)),
-                          real_count(x, c_dim, mask, sdt)])
-        comm.all_reduce_(sums, group)
-        c = x.shape[c_dim]
-        n = sums[c]
-        check_nonempty(n, "UnifiedNorm", group)
-        x2 = sums[:c] / n
-        t = step.to(sdt)
-        slot = (step % window).reshape(1)
-        buf = buffer_x2.to(sdt)
-        rv = running_var.to(sdt)
-        recorded_var = torch.sqrt(buf).var()
-        new_buf = buf.index_copy(0, slot, x2[None])
-        if outlier_filtration:
-            spread = new_buf.mean(0) - _geo_mean(new_buf)
-            outlier = (t >= warmup_iters) & (spread > recorded_var * window).any()
-            new_buf = torch.where(outlier, buf.index_copy(0, slot, rv[None]), new_buf)
-            skip_counter.add_(outlier.to(skip_counter.dtype))
-        else:
-            outlier = torch.zeros((), dtype=torch.bool, device=x.device)
-        buffer_x2.copy_(new_buf)
-        skip = outlier | (window <= 1)
-        use_batch = (t <= window) | (t < warmup_iters) | skip
-        var = torch.where(use_batch, x2, _geo_mean(new_buf))
-        ratio = torch.sqrt(var + eps) / torch.sqrt(rv + eps)
-        ratio = torch.where((t <= max(ratio_warmup_iters, warmup_iters)) | skip,
-                            torch.ones_like(ratio), ratio.clamp(RATIO_MIN, RATIO_MAX))
-        scale = torch.rsqrt(var + eps)
+        momentum, window, warmup_iters, c_dim = hparams
+        sdt = scale.dtype
         vs = vec_shape(x, c_dim)
-        z = xs * scale.view(vs)
-        running_var.copy_(momentum * rv + (1 - momentum) * var)
+        z = x.to(sdt) * scale.view(vs)
         y = z if weight is None else z * weight.to(sdt).view(vs)
         if bias is not None:
             y = y + bias.to(sdt).view(vs)
-        ctx.save_for_backward(z, scale, ratio, n, t, skip, slot, weight, mask)
-        ctx.ema_gz, ctx.buffer_gz = ema_gz, buffer_gz  # state updated by the backward: not saved tensors
+        ctx.save_for_backward(z, scale, ratio, step_info, n, weight, mask)
+        ctx.backward_state, ctx.skips = backward_state, skips
         ctx.c_dim, ctx.momentum, ctx.window, ctx.warmup_iters, ctx.group = c_dim, momentum, window, warmup_iters, group
-        ctx.has_bias = bias is not None
+        ctx.bias_dtype = None if bias is None else bias.dtype
         return y.to(x.dtype)
 
     @staticmethod
     def backward(ctx: Any, dy: torch.Tensor) -> tuple[Any, ...]:
-        z, scale, ratio, n, t, skip, slot, weight, mask = ctx.saved_tensors
-        ema_gz, buffer_gz = ctx.ema_gz, ctx.buffer_gz
+        z, scale, ratio, step_info, n, weight, mask = ctx.saved_tensors
+        ema_gz, buffer_gz = ctx.backward_state
         c_dim, m, window = ctx.c_dim, ctx.momentum, ctx.window
+        t, skip, slot = step_info[0], step_info[1] > 0, step_info[2:].long()
         vs = vec_shape(z, c_dim)
         dys = dy.to(z.dtype)
         g = dys * ratio.view(vs)
@@ -116,15 +99,74 @@ class _UnifiedNormFn(torch.autograd.Function):
         gz = gz / n
         ema = ema_gz.to(z.dtype)
         new_buf = buffer_gz.to(z.dtype).index_copy(0, slot, torch.where(skip, ema, gz)[None])
-        buffer_gz.copy_(new_buf)
         mean_gz = torch.where((t <= window) | (t < ctx.warmup_iters) | skip, gz, new_buf.mean(0))
         new_ema = m * ema + (1 - m) * mean_gz
-        ema_gz.copy_(new_ema)
+        commit_([buffer_gz, ema_gz], [new_buf, new_ema], ctx.skips)
         correction = torch.where(skip, mean_gz, new_ema)
         dx = (g - correction.view(vs) * z) * scale.view(vs)
         dweight = None if weight is None else channel_sum(dys * ratio.view(vs) * z, c_dim, None).to(weight.dtype)
-        dbias = channel_sum(dys, c_dim, None).to(dy.dtype) if ctx.has_bias else None
-        return dx.to(dy.dtype), dweight, dbias, None, None, None, None
+        dbias = channel_sum(dys, c_dim, None).to(ctx.bias_dtype) if ctx.bias_dtype is not None else None
+        return dx.to(dy.dtype), dweight, dbias, None, None, None, None, None, None, None, None, None
+
+
+STATE_NAMES = ("running_var", "num_batches_tracked", "buffer_x2", "skip_counter")
+
+
+def unified_norm_step(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    state: torch.Tensor,
+    backward_state: tuple[torch.Tensor, torch.Tensor],
+    *,
+    eps: float = 1e-5,
+    momentum: float = 0.9,
+    window_size: int = 4,
+    warmup_iters: int = 4000,
+    outlier_filtration: bool = False,
+    ratio_warmup_iters: int = 1000,
+    channel_dim: int = -1,
+    mask: torch.Tensor | None = None,
+    group: Group = None,
+    skips: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One Unified Normalization training forward from an explicit state: ``(y, new_state)``.
+
+    ``state`` = float64 :func:`~distnorm.functional._norm_utils.pack_state` of ``(running_var [C],
+    step [], buffer_x2 [W, C], skip_counter [])`` before the step; ``new_state`` the same after it
+    (the caller commits it). ``backward_state = (ema_gz [C], buffer_gz [W, C])`` advance in the
+    backward (guarded by ``skips`` when given). Collectives (P > 1): fwd 1 all-reduce of ``C + 1``
+    numbers (stats dtype); bwd 1 all-reduce of ``C``.
+    """
+    c_dim = channel_dim % x.dim()
+    sdt = stats_dtype(x.dtype)
+    c, window = x.shape[c_dim], window_size
+    x2, n = synced_second_moment(x, c_dim, mask, group, "UnifiedNorm")
+    with torch.no_grad():
+        rv, step, buf, skip_count = state[:c], state[c:c + 1], state[c + 1:c + 1 + window * c], state[-2:-1]
+        buf = buf.view(window, c)
+        t = step[0] + 1
+        slot = (t % window).long().reshape(1)
+        recorded_var = torch.sqrt(buf).var()
+        new_buf = buf.index_copy(0, slot, x2[None])
+        outlier = torch.zeros((), dtype=torch.bool, device=x.device)
+        if outlier_filtration:
+            spread = new_buf.mean(0) - _geo_mean(new_buf)
+            outlier = (t >= warmup_iters) & (spread > recorded_var * window).any()
+            new_buf = torch.where(outlier, buf.index_copy(0, slot, rv[None]), new_buf)
+        skip = outlier | (window <= 1)
+        var = torch.where((t <= window) | (t < warmup_iters) | skip, x2, _geo_mean(new_buf))
+        ratio = torch.sqrt(var + eps) / torch.sqrt(rv + eps)
+        ratio = torch.where((t <= max(ratio_warmup_iters, warmup_iters)) | skip,
+                            torch.ones_like(ratio), ratio.clamp(RATIO_MIN, RATIO_MAX))
+        scale = torch.rsqrt(var + eps)
+        step_info = torch.cat([t.reshape(1), skip.to(t.dtype).reshape(1), slot.to(t.dtype)])
+        new_state = torch.cat([momentum * rv + (1 - momentum) * var, t.reshape(1), new_buf.reshape(-1),
+                               skip_count + outlier.to(skip_count.dtype)])
+    hparams = (momentum, window, warmup_iters, c_dim)
+    y = _UnifiedNormFn.apply(x, weight, bias, scale.to(sdt), ratio.to(sdt), step_info.to(sdt), n, backward_state,
+                             skips, mask, hparams, group)
+    return y, new_state
 
 
 def unified_norm(
@@ -152,17 +194,16 @@ def unified_norm(
     all-reduce of ``C + 1`` numbers; bwd 1 all-reduce of ``C`` numbers (fp32; fp64 for fp64
     input). Eval, ``group`` None or P == 1: none.
     """
-    c_dim = channel_dim % x.dim()
+    running_var, ema_gz, step, buffer_x2, buffer_gz, skip_counter = state
     if not training:
-        vs = vec_shape(x, c_dim)
-        sdt = _stats_dtype(x)
-        y = x.to(sdt) * torch.rsqrt(state[0].to(sdt) + eps).view(vs)
-        y = y if weight is None else y * weight.to(sdt).view(vs)
-        y = y if bias is None else y + bias.to(sdt).view(vs)
-        return y.to(x.dtype)
-    state[2].add_(1)
-    hparams = (eps, momentum, window_size, warmup_iters, outlier_filtration, ratio_warmup_iters, c_dim)
-    return _UnifiedNormFn.apply(x, weight, bias, state, mask, hparams, group)
+        return power_norm_eval(x, weight, bias, running_var, eps=eps, channel_dim=channel_dim).to(x.dtype)
+    forward_state = [running_var, step, buffer_x2, skip_counter]
+    y, new = unified_norm_step(
+        x, weight, bias, pack_state(forward_state), (ema_gz, buffer_gz), eps=eps, momentum=momentum,
+        window_size=window_size, warmup_iters=warmup_iters, outlier_filtration=outlier_filtration,
+        ratio_warmup_iters=ratio_warmup_iters, channel_dim=channel_dim, mask=mask, group=group)
+    commit_(forward_state, unpack_state(new, forward_state), None)
+    return y
 
 
 def unified_norm_ref(

@@ -54,7 +54,7 @@ def test_eval_matches_one_process_float64(world, alpha):
         torch.testing.assert_close(o[4], stats[0], rtol=0, atol=0)  # eval never moves running stats
         synced = world > 1 and alpha < 1
         assert o[5].counts == ({"all_reduce": 2} if synced else {})
-        assert o[5].bytes.get("all_reduce", 0) == (2 * (2 * C + 1) * 8 if synced else 0)
+        assert o[5].bytes.get("all_reduce", 0) == (((2 * C + 1) + 2 * C) * 8 if synced else 0)  # fwd 2C+1, bwd 2C (fp64)
 
 
 def test_alpha_ends_are_eval_and_train_batch_norm():

@@ -73,5 +73,19 @@ def _all_empty(rank):
 
 
 def test_batch_channel_norm_all_ranks_empty_is_an_error():
-    with pytest.raises(ValueError, match=r"BatchChannelNorm: the global batch has no real elements.*rank 0"):
+    with pytest.raises(RuntimeError, match=r"BatchChannelNorm: the global batch has no real elements.*rank 0 of 2"):
         simulate(2, _all_empty, timeout=60)
+
+
+def test_estbn_keeps_the_authors_eps_whatever_the_norm_eps():
+    x = torch.randn(3, C, 5, dtype=torch.float64) * 0.01  # tiny variance: both eps matter
+    params = {k: torch.ones(C, dtype=torch.float64) if "weight" in k else torch.zeros(C, dtype=torch.float64)
+              for k in ("weight", "bias", "cn_weight", "cn_bias")}
+    state = {"running_mean": torch.zeros(C), "running_var": torch.ones(C), "num_batches_tracked": torch.tensor(0)}
+    norm = BatchChannelNorm(C, G, eps=1e-3, momentum=0.3).double()
+    y_authors, _ = batch_channel_norm_ref(x, params, state, num_groups=G, momentum=0.3, eps=1e-3)  # estbn_eps=1e-5
+    y_coupled, _ = batch_channel_norm_ref(x, params, state, num_groups=G, momentum=0.3, eps=1e-3, estbn_eps=1e-3)
+    torch.testing.assert_close(norm(x), y_authors, rtol=0, atol=1e-10)
+    assert float((y_coupled - y_authors).abs().max()) > 1e-4  # the group norm after it hides most of it
+    coupled = BatchChannelNorm(C, G, eps=1e-3, momentum=0.3, estbn_eps=1e-3).double()
+    torch.testing.assert_close(coupled(x), y_coupled, rtol=0, atol=1e-10)

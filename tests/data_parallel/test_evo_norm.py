@@ -91,5 +91,5 @@ def _all_empty(rank):
 
 
 def test_evo_norm_b0_all_ranks_empty_is_an_error():
-    with pytest.raises(ValueError, match=r"EvoNormB0: the global batch has no real elements.*rank 0"):
+    with pytest.raises(RuntimeError, match=r"EvoNormB0: the global batch has no real elements.*rank 0 of 2"):
         simulate(2, _all_empty, timeout=60)

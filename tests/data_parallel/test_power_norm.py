@@ -78,7 +78,7 @@ def test_power_norm_bad_inputs():
         norm(torch.randn(2, 3, C), mask=torch.ones(2, 4, dtype=torch.bool))
     with pytest.raises(ValueError, match=r"group_num must divide num_features=4, got 3"):
         PowerNorm(C, group_num=3)
-    with pytest.raises(ValueError, match=r"no real elements.*rank 0"):
+    with pytest.raises(RuntimeError, match=r"no real elements.*rank 0 of 1"):  # data (the mask): a device assert
         norm(torch.randn(2, 3, C), mask=torch.zeros(2, 3, dtype=torch.bool))
 
 
@@ -87,5 +87,35 @@ def _all_empty(rank):
 
 
 def test_power_norm_all_ranks_empty_is_an_error_on_every_rank():
-    with pytest.raises(ValueError, match=r"PowerNorm: the global batch has no real elements.*rank 0"):
+    with pytest.raises(RuntimeError, match=r"PowerNorm: the global batch has no real elements.*rank 0 of 2"):
         simulate(2, _all_empty, timeout=60)
+
+
+def test_group_scaling_keeps_the_authors_eps_whatever_the_norm_eps():
+    x = torch.randn(3, 4, C, dtype=torch.float64) * 0.05  # small activations: eps matters
+    dy = torch.randn_like(x)
+    norm = PowerNorm(C, eps=1e-3, group_num=2, warmup_iters=1).double()
+    y = norm(x)
+    state = {"running_phi": torch.ones(C, dtype=torch.float64), "ema_gz": torch.zeros(C, dtype=torch.float64),
+             "step": torch.tensor(0)}
+    ones, zeros = torch.ones(C, dtype=torch.float64), torch.zeros(C, dtype=torch.float64)
+    y_authors, *_ = power_norm_ref(x, dy, ones, zeros, state, eps=1e-3, warmup_iters=1, group_num=2)
+    y_coupled, *_ = power_norm_ref(x, dy, ones, zeros, state, eps=1e-3, warmup_iters=1, group_num=2,
+                                   group_scaling_eps=1e-3)
+    torch.testing.assert_close(y.detach(), y_authors, rtol=0, atol=1e-12)
+    assert float((y_coupled - y_authors).abs().max()) > 0.1  # the coupling the authors avoid changes outputs
+    coupled = PowerNorm(C, eps=1e-3, group_num=2, warmup_iters=1, group_scaling_eps=1e-3).double()
+    torch.testing.assert_close(coupled(x).detach(), y_coupled, rtol=0, atol=1e-12)
+    assert "group_scaling_eps=1e-05" in repr(norm)
+
+
+def test_running_quadratic_mean_is_the_ema_from_step_warmup_iters_on():
+    norm = PowerNorm(C, warmup_iters=2, alpha_fwd=0.8).double()
+    xs = [torch.randn(4, 3, C, dtype=torch.float64) * s for s in (1.0, 2.0, 3.0)]
+    psi = [x.square().mean((0, 1)) for x in xs]
+    norm(xs[0])  # t = 1 < warmup_iters: the cumulative average of one batch
+    torch.testing.assert_close(norm.running_phi, psi[0], rtol=0, atol=1e-12)
+    norm(xs[1])  # t = 2 = warmup_iters: normalised by the batch, psi^2 moves by EMA (the authors' rule)
+    torch.testing.assert_close(norm.running_phi, 0.8 * psi[0] + 0.2 * psi[1], rtol=0, atol=1e-12)
+    norm(xs[2])
+    torch.testing.assert_close(norm.running_phi, 0.8 * (0.8 * psi[0] + 0.2 * psi[1]) + 0.2 * psi[2], rtol=0, atol=1e-12)

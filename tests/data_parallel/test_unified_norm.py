@@ -88,5 +88,5 @@ def _all_empty(rank):
 
 
 def test_unified_norm_all_ranks_empty_is_an_error():
-    with pytest.raises(ValueError, match=r"UnifiedNorm: the global batch has no real elements.*rank 0"):
+    with pytest.raises(RuntimeError, match=r"UnifiedNorm: the global batch has no real elements.*rank 0 of 3"):
         simulate(3, _all_empty, timeout=60)

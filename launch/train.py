@@ -85,6 +85,9 @@ class TrainConfig:
     1.0 is DeepSpeed's default ``gradient_clipping``."""
     save_every: int = 0
     """Save a checkpoint every this many steps and after the last step; 0 = never."""
+    stop_after: int = 0
+    """Stop after this many steps of the ``steps``-long schedule and save a checkpoint there (run 20 of
+    30 steps now, ``--resume`` the other 10 later); 0 = run to ``steps``."""
     corpus_bytes: int = 1 << 20
     log_every: int = 20
     out_dir: str = "runs"
@@ -112,6 +115,7 @@ _OVERRIDES: dict[str, tuple[str, type]] = {
     "seq_len": ("model.seq_len", int), "norm": ("model.norm", str), "placement": ("model.placement", str),
     "grad_sync": ("model.grad_sync", str), "timeout_s": ("timeout_s", float), "grad_clip": ("grad_clip", float),
     "save_every": ("save_every", int), "run_id": ("run_id", str),
+    "stop_after": ("stop_after", int),
     "freeze_norms_at": ("freeze_norms_at", int),
 }
 
@@ -185,6 +189,8 @@ def _check(cfg: TrainConfig, sources: dict[str, str] | None = None) -> None:
             raise bad(name, ">= 1")
     if cfg.save_every < 0:
         raise bad("save_every", ">= 0 (0: no checkpoints)")
+    if not 0 <= cfg.stop_after <= cfg.steps:
+        raise bad("stop_after", f"in [0, steps = {cfg.steps}] (0: run to steps)")
     if not (cfg.lr > 0 and math.isfinite(cfg.lr)):
         raise bad("lr", "a finite float > 0")
     if not (cfg.grad_clip >= 0 and math.isfinite(cfg.grad_clip)):
@@ -364,9 +370,10 @@ def train(cfg: TrainConfig, deepspeed_config: dict[str, Any] | None = None, tp: 
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // topo.world_size))
     ckpt_path = checkpoint.find_checkpoint(resume) if resume is not None else None
     ckpt_meta = checkpoint.read_meta(ckpt_path) if ckpt_path is not None else None
-    if ckpt_meta is not None and ckpt_meta["step"] >= cfg.steps:
-        raise ValueError(f"--resume: the checkpoint is at step {ckpt_meta['step']}, the run ends at steps={cfg.steps}: "
-                         f"nothing to train (rank {topo.rank})")
+    end = cfg.stop_after or cfg.steps
+    if ckpt_meta is not None and ckpt_meta["step"] >= end:
+        raise ValueError(f"--resume: the checkpoint is at step {ckpt_meta['step']}, the run ends at step {end} "
+                         f"(steps={cfg.steps}, stop_after={cfg.stop_after}): nothing to train (rank {topo.rank})")
     run_dir = _open_run_dir(cfg, topo)
     is_main = topo.rank == 0
     say = (lambda s: print(s, flush=True)) if is_main else (lambda s: None)
@@ -401,7 +408,7 @@ def train(cfg: TrainConfig, deepspeed_config: dict[str, Any] | None = None, tp: 
     log = bar.write if bar is not None else say
     tokens_per_step = cfg.batch_size * mcfg.seq_len
     start_step, start = state.step, time.perf_counter()
-    for step in range(state.step, cfg.steps):
+    for step in range(state.step, end):
         freeze_for_training(model, step, cfg.freeze_norms_at, batch_on_device, group=stats_group, log=log)
         t0 = time.perf_counter()
         idx, targets = batches.batch(step)
@@ -418,10 +425,11 @@ def train(cfg: TrainConfig, deepspeed_config: dict[str, Any] | None = None, tp: 
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{state.losses[-1]:.4f}", tok_s=f"{state.tokens_per_s[-1]:.0f}")
-        if step == start_step or state.step % cfg.log_every == 0 or state.step == cfg.steps:
+        if step == start_step or state.step % cfg.log_every == 0 or state.step == end:
             grad = "" if norm is None else f"  grad_norm {norm:.3f}"
             log(f"step {state.step:5d}  loss {state.losses[-1]:.4f}{grad}  tokens/s {state.tokens_per_s[-1]:.0f}")
-        if cfg.save_every and (state.step % cfg.save_every == 0 or state.step == cfg.steps):
+        last = state.step == end
+        if (cfg.save_every and (state.step % cfg.save_every == 0 or last)) or (last and cfg.stop_after):
             path = checkpoint.step_dir(run_dir, state.step)
             checkpoint.save(path, model=model, optimizer=optimizer, scheduler=scheduler, engine=engine, topo=topo,
                             state=state, info=info)
@@ -438,7 +446,7 @@ def train(cfg: TrainConfig, deepspeed_config: dict[str, Any] | None = None, tp: 
             "resumed_from": str(ckpt_path) if ckpt_path is not None else None, "losses": losses,
             "grad_norms": state.grad_norms, "grad_clip": cfg.grad_clip, "tokens_per_s": state.tokens_per_s,
             "first_loss": losses[0], "final_loss": losses[-1], "elapsed_s": elapsed,
-            "mean_tokens_per_s": tokens_per_step * (cfg.steps - start_step) / elapsed, "config": config_dict,
+            "mean_tokens_per_s": tokens_per_step * (end - start_step) / elapsed, "config": config_dict,
             "deepspeed": deepspeed_config,
         }
         (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")

@@ -103,9 +103,13 @@ def test_single_process_learns_with_clipping_active(reference: dict) -> None:
 
 
 def test_single_process_resume_is_bitwise(tmp_path: Path, reference: dict) -> None:
-    ckpt = reference["out"] / "single" / "single" / "checkpoints" / "step_000020"
-    m = _train([sys.executable], tmp_path, "resumed", "--resume", str(ckpt))
-    assert (m["start_step"], m["resumed_from"]) == (20, str(ckpt))
+    # a run of 20 steps (of the 30-step schedule), resumed from its run directory for the other 10
+    first = _train([sys.executable], tmp_path, "first20", "--stop-after", "20")
+    assert len(first["losses"]) == 20 and first["losses"] == reference["losses"][:20]
+    run_dir = tmp_path / "first20" / "first20"
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_000020"]
+    m = _train([sys.executable], tmp_path, "resumed", "--resume", str(run_dir))
+    assert (m["start_step"], m["resumed_from"]) == (20, str(run_dir / "checkpoints" / "step_000020"))
     assert m["losses"][20:] == reference["losses"][20:] and m["grad_norms"][20:] == reference["grad_norms"][20:]
     assert m["losses"][:20] == reference["losses"][:20]  # the history travels with the checkpoint
 

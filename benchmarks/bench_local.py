@@ -31,6 +31,7 @@ World 2 (``--world2``, real gloo processes, one thread each, always the wall clo
 
     python benchmarks/bench_local.py [--out benchmarks/out] [--clock wall|cpu] [--world2]
     python benchmarks/bench_local.py --smoke --out /tmp/bench     # tiny shapes, seconds
+    python benchmarks/bench_local.py --device cuda --dtypes bf16,fp32   # on a GPU: the issue's shapes, CUDA-synchronised wall clock
 
 Prints a table; writes ``bench_local.json`` and ``bench_local.png`` under ``--out``.
 """
@@ -58,6 +59,13 @@ from distnorm import kernels
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 TARGET = 1.10
+DEVICE = torch.device("cpu")  # main() sets it; builders create tensors and modules on it (default device)
+
+
+def _sync() -> None:
+    """Wait for the device (a CUDA step is timed end to end, not at launch)."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -98,7 +106,8 @@ def _norm_steps(torch_mod: nn.Module, dist_mod: nn.Module, x: torch.Tensor, dy: 
 
 def _rows(shape: tuple[int, ...], dtype: torch.dtype, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(shape, generator=g) * 2 + 0.5).to(dtype), torch.randn(shape, generator=g).to(dtype)
+    x, dy = torch.randn(shape, generator=g) * 2 + 0.5, torch.randn(shape, generator=g)
+    return x.to(DEVICE, dtype), dy.to(DEVICE, dtype)
 
 
 def case_layer_norm(shape, dtype, *, sharded=False):
@@ -143,6 +152,11 @@ def case_sync_batch_norm(shape, dtype, *, channels_last):
     return _norm_steps(nn.BatchNorm2d(c, dtype=dtype), dn.SyncBatchNorm(c).to(dtype), x, dy)
 
 
+# on a GPU the row norms run at the kernel issue's shapes, the batch norms at ResNet/ViT-like ones
+GPU_ROWS = [(4096, 4096), (16384, 4096), (8192, 8192), (32768, 8192)]
+GPU_SHAPES = {"sync_batch_norm_nchw": [(32, 256, 56, 56), (64, 64, 112, 112)],
+              "sync_batch_norm_btc": [(32, 1024, 1024), (16, 4096, 768)]}
+
 CASES: dict[str, tuple[Callable[..., dict[str, Step]], list[tuple[int, ...]], list[tuple[int, ...]]]] = {
     # name: (builder, full shapes, smoke shapes)
     "layer_norm": (case_layer_norm, [(4096, 1024), (1024, 4096), (8192, 768)], [(64, 256)]),
@@ -176,15 +190,19 @@ def time_steps(steps: dict[str, Step], min_time: float, clock: str,
     first: dict[str, float] = {}
     for name, step in steps.items():  # warm up, and estimate a step
         step.run()
+        _sync()
         start = now()
         step.run()
+        _sync()
         first[name] = now() - start
     rounds = agree(max(3, int(min_time / max(min(first.values()), 1e-6)) + 1))
     times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(rounds):
         for name, step in steps.items():
+            _sync()
             start = now()
             step.run()
+            _sync()
             times[name].append(now() - start)
     return {name: 1e3 * statistics.median(t) for name, t in times.items()}
 
@@ -213,7 +231,10 @@ def run_local(args: argparse.Namespace) -> list[dict[str, Any]]:
     for name in args.cases.split(","):
         builder, full, smoke = CASES[name]
         for dtype_name in args.dtypes.split(","):
-            for shape in smoke if args.smoke else full:
+            shapes = smoke if args.smoke else full
+            if DEVICE.type == "cuda" and not args.smoke:
+                shapes = GPU_SHAPES.get(name, GPU_ROWS)
+            for shape in shapes:
                 steps = builder(shape, DTYPES[dtype_name])
                 ms = time_steps(steps, args.min_time, args.clock)
                 in_bytes = sum(t.nbytes for t in steps["torch"].inputs)
@@ -332,10 +353,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall")
     parser.add_argument("--world2", action="store_true", help="also time the sharded norms at world 2 (gloo)")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, short timers (CI)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="cuda: the GPU shapes, wall clock synchronised after every step, no --world2")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "out"))
     args = parser.parse_args(argv)
     if args.smoke:
         args.min_time = min(args.min_time, 0.01)
+    global DEVICE
+    DEVICE = torch.device(args.device)
+    if DEVICE.type == "cuda":
+        torch.set_default_device(DEVICE)  # the builders' modules and parameters
+        args.clock, args.world2 = "wall", False
     print("| case | dtype | shape | torch ms | distnorm ms | distnorm / torch | torch saved / input | "
           "distnorm saved / input |\n|---|---|---|---:|---:|---:|---:|---:|", flush=True)
     rows = run_local(args)
@@ -345,7 +373,8 @@ def main(argv: list[str] | None = None) -> None:
     meta = {"command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": platform.platform(),
             "processor": platform.processor() or platform.machine(), "torch": torch.__version__,
-            "threads": 1, "clock": args.clock, "min_time_s": args.min_time, "target": TARGET}
+            "threads": 1, "clock": args.clock, "device": args.device,
+            "gpu": torch.cuda.get_device_name() if DEVICE.type == "cuda" else None, "min_time_s": args.min_time, "target": TARGET}
     (out / "bench_local.json").write_text(json.dumps({"meta": meta, "rows": rows, "world2": world2}, indent=1))
     plot(rows, world2, out / "bench_local.png")
     misses = [r for r in rows + world2 if r["ratio"] > TARGET]

@@ -455,7 +455,7 @@ def _local_slice(tensor: torch.Tensor, group: Group, dim: int, sizes: Sequence[i
 
 
 def _resolve(group_name: str) -> dist.ProcessGroup:
-    return dist.distributed_c10d._resolve_process_group(group_name)
+    return dist.distributed_c10d._resolve_process_group(group_name)  # type: ignore[arg-type]
 
 
 @torch.library.custom_op("distnorm::all_reduce", mutates_args=())

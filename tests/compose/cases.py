@@ -11,6 +11,7 @@ local batch. Functional ops are wrapped in a small module that holds their param
 
 from __future__ import annotations
 
+import threading
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -54,10 +55,13 @@ class Case:
 
     name: str
     family: str  # "tp" (tensor-parallel group), "dp" (data-parallel group) or "overlap"
-    build: Callable[[Group], nn.Module]
+    make: Callable[[Group], nn.Module]  # the constructor call (random inits draw from the global RNG)
     inputs: Callable[[int, int, int], Inputs]  # (rank, world, step) -> forward args
     kwargs: dict[str, Any] = field(default_factory=dict)  # forward keyword arguments
     stateful: bool = False  # buffers that advance in training (running statistics, step counters)
+
+    def build(self, group: Group) -> nn.Module:
+        return build(self, group)
 
 
 def _gen(*key: object) -> torch.Generator:
@@ -144,8 +148,14 @@ class FunctionalNorm(nn.Module):
         super().__init__()
         self.group, self.rms = group, rms
         local = shard_sizes(H, group_size(group))[group_rank(group)]
-        self.weight = nn.Parameter(torch.ones(local))
-        self.bias = None if rms else nn.Parameter(torch.zeros(local))
+        self.weight = nn.Parameter(torch.empty(local))
+        self.bias = None if rms else nn.Parameter(torch.empty(local))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.rms:
@@ -159,10 +169,20 @@ class FunctionalSyncBatchNorm(nn.Module):
     def __init__(self, group: Group) -> None:
         super().__init__()
         self.group = group
-        self.weight = nn.Parameter(torch.ones(C))
-        self.bias = nn.Parameter(torch.zeros(C))
-        self.register_buffer("running_mean", torch.zeros(C))
-        self.register_buffer("running_var", torch.ones(C))
+        self.weight = nn.Parameter(torch.empty(C))
+        self.bias = nn.Parameter(torch.empty(C))
+        self.register_buffer("running_mean", torch.empty(C))
+        self.register_buffer("running_var", torch.empty(C))
+        self.reset_parameters()
+
+    def reset_running_stats(self) -> None:
+        nn.init.zeros_(self.running_mean)
+        nn.init.ones_(self.running_var)
+
+    def reset_parameters(self) -> None:
+        self.reset_running_stats()
+        nn.init.ones_(self.weight)
+        nn.init.zeros_(self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:  # the functional op is the training-mode half; eval is torch's
@@ -176,7 +196,11 @@ class FunctionalGroupScaling(nn.Module):
 
     def __init__(self, group: Group) -> None:
         super().__init__()
-        self.scale = nn.Parameter(torch.ones(C))
+        self.scale = nn.Parameter(torch.empty(C))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return group_scaling(x, 2, channel_dim=-1) * self.scale
@@ -188,7 +212,11 @@ class FusedAllreduceRMSNorm(nn.Module):
     def __init__(self, group: Group, mode: str) -> None:
         super().__init__()
         self.group, self.mode = group, mode
-        self.weight = nn.Parameter(torch.ones(H))
+        self.weight = nn.Parameter(torch.empty(H))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
 
     def forward(self, partial: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return fused_allreduce_rms_norm(partial, residual, self.weight, 1e-6, group=self.group,
@@ -218,91 +246,97 @@ def _block_inputs(mode: str) -> Callable[[int, int, int], Inputs]:
 
 
 def _weaver(group: Group) -> nn.Module:
-    blocks = [ParallelMLPBlock(H, FFN, group=group, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    blocks = [ParallelMLPBlock(H, FFN, group=group) for _ in range(2)]
     return TokenWeaver(blocks, group, TokenSplitPlan(num_tokens=T, first=4))
 
 
-def _mlp_block(group: Group) -> nn.Module:
-    return ParallelMLPBlock(H, FFN, group=group, generator=torch.Generator().manual_seed(0))
+_RNG_LOCK = threading.Lock()  # simulated ranks are threads sharing the global RNG
 
 
-def _seeded(factory: Callable[[Group], nn.Module]) -> Callable[[Group], nn.Module]:
-    def build(group: Group) -> nn.Module:
-        return perturb_(factory(group))
-
-    return build
-
-
-def _case(name: str, family: str, factory: Callable[[Group], nn.Module], inputs: Callable[[int, int, int], Inputs],
-          **kw: Any) -> Case:
-    return Case(name, family, _seeded(factory), inputs, **kw)
-
-
-def _gen0() -> torch.Generator:
-    return torch.Generator().manual_seed(0)
+def build(case: Case, group: Group) -> nn.Module:
+    """A fresh module of ``case``: the global RNG seeded first (the same init on every rank), then perturbed."""
+    with _RNG_LOCK:
+        torch.manual_seed(0)
+        module = case.make(group)
+    return perturb_(module)
 
 
 CASES: list[Case] = [
     # tensor parallel: sequence-parallel (token-sharded) and hidden-sharded norms, variants, linears
-    _case("SequenceParallelLayerNorm", "tp", lambda g: SequenceParallelLayerNorm(H, group=g), tokens_sharded("spln")),
-    _case("SequenceParallelRMSNorm", "tp", lambda g: SequenceParallelRMSNorm(H, group=g), tokens_sharded("sprms")),
-    _case("ShardedLayerNorm", "tp", lambda g: ShardedLayerNorm(H, group=g), hidden_sharded("shln")),
-    _case("ShardedRMSNorm", "tp", lambda g: ShardedRMSNorm(H, group=g), hidden_sharded("shrms")),
-    _case("SingleScaleRMSNorm", "tp", lambda g: SingleScaleRMSNorm(H, group=g), tokens_sharded("ss")),
-    _case("SingleScaleRMSNorm[sharded]", "tp", lambda g: SingleScaleRMSNorm(H, parallel="sharded", group=g),
+    Case("SequenceParallelLayerNorm", "tp", lambda g: SequenceParallelLayerNorm(H, group=g), tokens_sharded("spln")),
+    Case("SequenceParallelRMSNorm", "tp", lambda g: SequenceParallelRMSNorm(H, group=g), tokens_sharded("sprms")),
+    Case("ShardedLayerNorm", "tp", lambda g: ShardedLayerNorm(H, group=g), hidden_sharded("shln")),
+    Case("ShardedRMSNorm", "tp", lambda g: ShardedRMSNorm(H, group=g), hidden_sharded("shrms")),
+    Case("SingleScaleRMSNorm", "tp", lambda g: SingleScaleRMSNorm(H, group=g), tokens_sharded("ss")),
+    Case("SingleScaleRMSNorm[sharded]", "tp", lambda g: SingleScaleRMSNorm(H, parallel="sharded", group=g),
           hidden_sharded("ss-sh")),
-    _case("CRMSNorm", "tp", lambda g: CRMSNorm(H, group=g), tokens_sharded("crms")),
-    _case("CRMSNorm[sharded]", "tp", lambda g: CRMSNorm(H, parallel="sharded", group=g), hidden_sharded("crms-sh")),
-    _case("ColumnParallelLinear", "tp", lambda g: ColumnParallelLinear(H, FFN, group=g, generator=_gen0()),
+    Case("CRMSNorm", "tp", lambda g: CRMSNorm(H, group=g), tokens_sharded("crms")),
+    Case("CRMSNorm[sharded]", "tp", lambda g: CRMSNorm(H, parallel="sharded", group=g), hidden_sharded("crms-sh")),
+    Case("ColumnParallelLinear", "tp", lambda g: ColumnParallelLinear(H, FFN, group=g),
           replicated("col")),
-    _case("ColumnParallelLinear[sequence_parallel]", "tp",
-          lambda g: ColumnParallelLinear(H, FFN, group=g, sequence_parallel=True, generator=_gen0()),
+    Case("ColumnParallelLinear[sequence_parallel]", "tp",
+          lambda g: ColumnParallelLinear(H, FFN, group=g, sequence_parallel=True),
           tokens_sharded("col-sp"), kwargs={"num_tokens": T}),
-    _case("RowParallelLinear", "tp", lambda g: RowParallelLinear(FFN, H, group=g, generator=_gen0()),
+    Case("RowParallelLinear", "tp", lambda g: RowParallelLinear(FFN, H, group=g),
           hidden_sharded("row", FFN)),
-    _case("RowParallelLinear[sequence_parallel]", "tp",
-          lambda g: RowParallelLinear(FFN, H, group=g, sequence_parallel=True, generator=_gen0()),
+    Case("RowParallelLinear[sequence_parallel]", "tp",
+          lambda g: RowParallelLinear(FFN, H, group=g, sequence_parallel=True),
           hidden_sharded("row-sp", FFN)),
-    _case("RowParallelLinear[partial]", "tp",
-          lambda g: RowParallelLinear(FFN, H, group=g, reduce_output=False, generator=_gen0()),
+    Case("RowParallelLinear[partial]", "tp",
+          lambda g: RowParallelLinear(FFN, H, group=g, reduce_output=False),
           hidden_sharded("row-partial", FFN)),
-    _case("functional.layer_norm", "tp", lambda g: FunctionalNorm(g, rms=False), hidden_sharded("f-ln")),
-    _case("functional.rms_norm", "tp", lambda g: FunctionalNorm(g, rms=True), hidden_sharded("f-rms")),
+    Case("functional.layer_norm", "tp", lambda g: FunctionalNorm(g, rms=False), hidden_sharded("f-ln")),
+    Case("functional.rms_norm", "tp", lambda g: FunctionalNorm(g, rms=True), hidden_sharded("f-rms")),
     # overlap
-    _case("fused_allreduce_rms_norm[allreduce]", "overlap", lambda g: FusedAllreduceRMSNorm(g, "allreduce"),
+    Case("fused_allreduce_rms_norm[allreduce]", "overlap", lambda g: FusedAllreduceRMSNorm(g, "allreduce"),
           _fused_inputs("allreduce")),
-    _case("fused_allreduce_rms_norm[reduce_scatter]", "overlap", lambda g: FusedAllreduceRMSNorm(g, "reduce_scatter"),
+    Case("fused_allreduce_rms_norm[reduce_scatter]", "overlap", lambda g: FusedAllreduceRMSNorm(g, "reduce_scatter"),
           _fused_inputs("reduce_scatter")),
-    _case("ParallelMLPBlock", "overlap", _mlp_block, _block_inputs("allreduce")),
-    _case("ParallelMLPBlock[reduce_scatter]", "overlap", _mlp_block, _block_inputs("reduce_scatter"),
+    Case("ParallelMLPBlock", "overlap", lambda g: ParallelMLPBlock(H, FFN, group=g), _block_inputs("allreduce")),
+    Case("ParallelMLPBlock[reduce_scatter]", "overlap", lambda g: ParallelMLPBlock(H, FFN, group=g),
+          _block_inputs("reduce_scatter"),
           kwargs={"mode": "reduce_scatter"}),
-    _case("TokenWeaver", "overlap", _weaver, _block_inputs("allreduce")),
+    Case("TokenWeaver", "overlap", _weaver, _block_inputs("allreduce")),
     # data parallel and the running-statistics norms of the literature
-    _case("SyncBatchNorm", "dp", lambda g: dn.SyncBatchNorm(C, group=g), local_batch("sbn", 1), stateful=True),
-    _case("SyncBatchNorm[mask]", "dp", lambda g: dn.SyncBatchNorm(C, group=g, channel_dim=-1), masked_batch("sbn-m"),
+    Case("SyncBatchNorm", "dp", lambda g: dn.SyncBatchNorm(C, group=g), local_batch("sbn", 1), stateful=True),
+    Case("SyncBatchNorm[mask]", "dp", lambda g: dn.SyncBatchNorm(C, group=g, channel_dim=-1), masked_batch("sbn-m"),
           stateful=True),
-    _case("AlphaBatchNorm", "dp", lambda g: dn.AlphaBatchNorm(C, group=g), local_batch("abn", 1), stateful=True),
-    _case("PowerNorm", "dp", lambda g: dn.PowerNorm(C, warmup_iters=2, group=g), local_batch("pn", -1), stateful=True),
-    _case("PowerNorm[mask]", "dp", lambda g: dn.PowerNorm(C, warmup_iters=2, group_num=2, group=g),
+    Case("AlphaBatchNorm", "dp", lambda g: dn.AlphaBatchNorm(C, group=g), local_batch("abn", 1), stateful=True),
+    Case("PowerNorm", "dp", lambda g: dn.PowerNorm(C, warmup_iters=2, group=g), local_batch("pn", -1), stateful=True),
+    Case("PowerNorm[mask]", "dp", lambda g: dn.PowerNorm(C, warmup_iters=2, group_num=2, group=g),
           masked_batch("pn-m"), stateful=True),
-    _case("UnifiedNorm", "dp",
+    Case("UnifiedNorm", "dp",
           lambda g: dn.UnifiedNorm(C, window_size=2, warmup_iters=2, ratio_warmup_iters=1, outlier_filtration=True,
                                    group=g),
           local_batch("un", -1), stateful=True),
-    _case("RepBatchNorm", "dp", lambda g: dn.RepBatchNorm(C, group=g), local_batch("rbn", -1), stateful=True),
-    _case("ProgressiveRepBN", "dp",
+    Case("RepBatchNorm", "dp", lambda g: dn.RepBatchNorm(C, group=g), local_batch("rbn", -1), stateful=True),
+    Case("ProgressiveRepBN", "dp",
           lambda g: dn.ProgressiveRepBN(C, warmup_steps=1, decay_steps=2, total_steps=4, group=g),
           local_batch("prbn", -1), stateful=True),
-    _case("BatchChannelNorm", "dp", lambda g: dn.BatchChannelNorm(C, num_groups=2, group=g), local_batch("bcn", 1),
+    Case("BatchChannelNorm", "dp", lambda g: dn.BatchChannelNorm(C, num_groups=2, group=g), local_batch("bcn", 1),
           stateful=True),
-    _case("EvoNormB0", "dp", lambda g: dn.EvoNormB0(C, group=g), local_batch("evb0", 1), stateful=True),
-    _case("EvoNormS0", "dp", lambda g: dn.EvoNormS0(C, groups=2, group=g), local_batch("evs0", 1)),
-    _case("functional.sync_batch_norm", "dp", FunctionalSyncBatchNorm, local_batch("f-sbn", 1), stateful=True),
-    _case("functional.group_scaling", "dp", FunctionalGroupScaling, local_batch("f-gs", -1)),
+    Case("EvoNormB0", "dp", lambda g: dn.EvoNormB0(C, group=g), local_batch("evb0", 1), stateful=True),
+    Case("EvoNormS0", "dp", lambda g: dn.EvoNormS0(C, groups=2, group=g), local_batch("evs0", 1)),
+    Case("functional.sync_batch_norm", "dp", FunctionalSyncBatchNorm, local_batch("f-sbn", 1), stateful=True),
+    Case("functional.group_scaling", "dp", FunctionalGroupScaling, local_batch("f-gs", -1)),
 ]
 
 BY_NAME = {c.name: c for c in CASES}
 assert len(BY_NAME) == len(CASES)
+
+
+def public_module_names() -> set[str]:
+    """Every ``nn.Module`` class with a ``forward`` exported by ``distnorm`` and its ``tensor_parallel``,
+    ``data_parallel`` and ``overlap`` packages (bases without a forward are not modules to run)."""
+    from distnorm import data_parallel, overlap, tensor_parallel
+
+    names = set()
+    for mod in (dn, tensor_parallel, data_parallel, overlap):
+        for name in getattr(mod, "__all__", []):
+            obj = getattr(mod, name, None)
+            if isinstance(obj, type) and issubclass(obj, nn.Module) and obj.forward is not nn.Module.forward:
+                names.add(name)
+    return names
 
 
 def module_class_names() -> set[str]:

@@ -73,15 +73,17 @@ def max_errors(got: Record, want: Record) -> dict[str, float]:
     return errors
 
 
-def compile_case(case: Case, group: Any, rank: int, world: int, backend: str) -> dict[str, Any]:
+def compile_case(case: Case, group: Any, rank: int, world: int, backend: str | Callable[..., Any]) -> dict[str, Any]:
     """Eager vs ``torch.compile(fullgraph=True)`` of ``case``: graph breaks, graphs, max errors or the error."""
     import torch._dynamo
+    import torch._inductor.config as inductor_config
     from torch._dynamo.testing import CompileCounterWithBackend
     from torch._dynamo.utils import counters
 
+    inductor_config.compile_threads = 1  # no compile-worker pool: faster on 2 shared cores
     torch._dynamo.reset()
     counters.clear()
-    result: dict[str, Any] = {"name": case.name, "world": world, "backend": backend}
+    result: dict[str, Any] = {"name": case.name, "world": world, "backend": getattr(backend, "__name__", backend)}
     try:
         eager = run(case, (m := case.build(group)), m, rank, world)
         module = case.build(group)
@@ -101,3 +103,52 @@ def compile_matrix(rank: int, names: list[str], backends: dict[str, str]) -> lis
     group = dist.group.WORLD if world > 1 else None
     torch.set_num_threads(1)
     return [compile_case(BY_NAME[n], group, rank, world, backends.get(n, "aot_eager")) for n in names]
+
+
+# --------------------------------------------------------------------------------------------
+# Activation checkpointing
+# --------------------------------------------------------------------------------------------
+
+CHECKPOINT_MODES = ("non_reentrant", "reentrant", "selective")
+
+
+def _save_matmuls(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> Any:
+    """Selective checkpointing policy: keep matmul outputs, recompute everything else (norms included)."""
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    keep = op in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default)
+    return CheckpointPolicy.MUST_SAVE if keep else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def checkpointed(module: nn.Module, mode: str) -> Callable[..., Any]:
+    """``module`` called through ``torch.utils.checkpoint`` in ``mode`` (one of :data:`CHECKPOINT_MODES`)."""
+    import functools
+
+    from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        fn = functools.partial(module, **kwargs)
+        if mode == "reentrant":
+            return checkpoint(fn, *args, use_reentrant=True)
+        if mode == "selective":
+            return checkpoint(fn, *args, use_reentrant=False,
+                              context_fn=functools.partial(create_selective_checkpoint_contexts, _save_matmuls))
+        return checkpoint(fn, *args, use_reentrant=False)
+
+    return call
+
+
+def checkpoint_case(rank: int, name: str) -> dict[str, Any]:
+    """``simulate``/``spawn`` target: the plain run vs each checkpointing mode; max errors (or the error) per mode."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    group = dist.group.WORLD if world > 1 else None
+    case = BY_NAME[name]
+    want = run(case, (m := case.build(group)), m, rank, world)
+    result: dict[str, Any] = {}
+    for mode in CHECKPOINT_MODES:
+        module = case.build(group)
+        try:
+            result[mode] = max_errors(run(case, module, checkpointed(module, mode), rank, world), want)
+        except Exception as exc:  # reported per mode
+            result[mode] = f"{type(exc).__name__}: {exc}"
+    return result

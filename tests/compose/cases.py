@@ -37,6 +37,7 @@ from distnorm.tensor_parallel import (
     ShardedRMSNorm,
     SingleScaleRMSNorm,
 )
+from tests.data_parallel._literature import perturb_  # parameters off their init, alike everywhere
 
 H = 10  # hidden: over 4 ranks 3, 3, 2, 2 columns
 FFN = 12
@@ -70,15 +71,6 @@ def _gen(*key: object) -> torch.Generator:
 
 def _randn(shape: tuple[int, ...], *key: object, scale: float = 1.0, offset: float = 0.0) -> torch.Tensor:
     return (torch.randn(shape, generator=_gen(*key), dtype=torch.float64) * scale + offset).to(DTYPE)
-
-
-def perturb_(module: nn.Module, seed: int = 1) -> nn.Module:
-    """Parameters moved off their init, the same on every rank and in every copy."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in sorted(module.named_parameters()):
-            p.add_(0.3 * torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype))
-    return module
 
 
 # --------------------------------------------------------------------------------------------

@@ -184,18 +184,13 @@ class FunctionalSyncBatchNorm(nn.Module):
 
 
 class FunctionalGroupScaling(nn.Module):
-    """``dn.functional.power_norm.group_scaling`` (local, no parameters) followed by a scale."""
+    """``dn.functional.power_norm.group_scaling``: local, no parameters, no state."""
 
     def __init__(self, group: Group) -> None:
         super().__init__()
-        self.scale = nn.Parameter(torch.empty(C))
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        nn.init.ones_(self.scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return group_scaling(x, 2, channel_dim=-1) * self.scale
+        return group_scaling(x, 2, channel_dim=-1)
 
 
 class FusedAllreduceRMSNorm(nn.Module):

@@ -278,7 +278,8 @@ def all_reduce_(
         return _DoneWork() if async_op else tensor
     if torch.compiler.is_compiling():
         assert group is not None
-        tensor.copy_(_all_reduce_op(tensor.detach(), op, group.group_name))
+        with torch.no_grad():  # like the in-place c10d op: the values change, autograd's view of tensor does not
+            tensor.copy_(_all_reduce_op(tensor.detach(), op, group.group_name))
         return _DoneWork() if async_op else tensor
     _record("all_reduce", tensor, group)
     work = dist.all_reduce(tensor, op=_REDUCE_OPS[op], group=group, async_op=async_op)
@@ -297,7 +298,8 @@ def broadcast_(tensor: torch.Tensor, src: int, group: Group) -> torch.Tensor:
         return tensor
     assert group is not None
     if torch.compiler.is_compiling():
-        return tensor.copy_(_broadcast_op(tensor.detach(), src, group.group_name))
+        with torch.no_grad():
+            return tensor.copy_(_broadcast_op(tensor.detach(), src, group.group_name))
     _record("broadcast", tensor, group)
     dist.broadcast(tensor, src=dist.get_global_rank(group, src), group=group)
     return tensor

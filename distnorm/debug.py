@@ -249,7 +249,9 @@ def consistency_checks() -> Iterator[None]:
 # --------------------------------------------------------------------------------------------
 
 _SIMPLE = (bool, int, float, str, type(None), torch.dtype)
-_RANK_LOCAL = ("local_size",)  # plus names ending in _local / _shard (STYLE.md: this rank's pieces)
+# Attributes that legitimately differ across ranks (this rank's piece of a sharded module), plus
+# names ending in _local / _shard (STYLE.md) and whatever a class lists in ``rank_local_attributes``.
+_RANK_LOCAL = ("local_size", "param_shape")
 _CHECKED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 _module_hook_lock = threading.Lock()
 _module_hook: list[Any] = [0, None]  # [users, handle of the global forward pre-hook]
@@ -261,8 +263,9 @@ def _is_simple(value: object) -> bool:
     return isinstance(value, _SIMPLE)
 
 
-def _rank_local(name: str) -> bool:
-    return name in _RANK_LOCAL or name.endswith(("_local", "_shard"))
+def _rank_local(module: nn.Module, name: str) -> bool:
+    return (name in _RANK_LOCAL or name.endswith(("_local", "_shard"))
+            or name in getattr(module, "rank_local_attributes", ()))
 
 
 def _module_group(module: nn.Module) -> Group:
@@ -279,8 +282,9 @@ def hyper_parameters(module: nn.Module) -> dict[str, str]:
 
     The module's class, its group size, its public attributes of simple type (numbers, strings,
     flags, dtypes and tuples of them: ``eps``, ``normalized_shape``, ``momentum``, ``affine``,
-    ``channel_dim``, ``warmup_iters``...) except this rank's pieces (``local_size`` and names
-    ending in ``_local`` / ``_shard``, which legitimately differ across ranks), and the name and
+    ``channel_dim``, ``warmup_iters``...) except this rank's pieces (``local_size``,
+    ``param_shape``, names ending in ``_local`` / ``_shard`` and any listed in the class attribute
+    ``rank_local_attributes``, which legitimately differ across ranks), and the name and
     dtype of each of its own parameters and buffers (``bias=False`` on one rank shows as a missing
     ``parameter bias``). The same for every descendant module, prefixed with its name.
     """
@@ -289,7 +293,7 @@ def hyper_parameters(module: nn.Module) -> dict[str, str]:
         at = f"{prefix}." if prefix else ""
         out[f"{at}class"] = type(m).__qualname__
         for name, value in sorted(vars(m).items()):
-            if not name.startswith("_") and name != "training" and not _rank_local(name) and _is_simple(value):
+            if not name.startswith("_") and name != "training" and not _rank_local(m, name) and _is_simple(value):
                 out[f"{at}{name}"] = repr(value)
         for kind, tensors in (("parameter", m.named_parameters(recurse=False)), ("buffer", m.named_buffers(recurse=False))):
             for name, t in tensors:

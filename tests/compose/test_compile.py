@@ -3,8 +3,8 @@
 For each case (tests/compose/cases.py) a fresh eager module and a fresh compiled one run 3
 training steps (forward, backward, SGD update) and an eval step; outputs, input gradients,
 parameter gradients and every buffer after every step must agree within ``ATOL`` (float32,
-values of order 1: round-off; a wrong gradient or a statistic advanced twice is off by 1e-3 or
-more), with zero graph breaks (``torch._dynamo`` counters; ``fullgraph=True`` also raises on one)
+absolute for values of order 1, relative to the tensor's largest value above that: round-off; a
+wrong gradient or a statistic advanced twice is off by 1e-3 or more), with zero graph breaks (``torch._dynamo`` counters; ``fullgraph=True`` also raises on one)
 and at most one graph per mode (training, eval).
 
 Cost on 2 cores is compile time, so: ``aot_eager`` (dynamo + AOTAutograd, the whole capture path

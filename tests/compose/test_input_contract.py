@@ -41,12 +41,30 @@ def test_normalized_shape_as_torch_takes_it(cls, shape):
 
 
 @pytest.mark.parametrize("cls", TP_NORMS, ids=lambda c: c.__name__)
-@pytest.mark.parametrize("shape", [(4, 8), 0, -1, True, 8.0, "8"], ids=["two_dims", "zero", "negative", "bool",
-                                                                       "float", "str"])
+@pytest.mark.parametrize("shape", [0, -1, True, 8.0, "8"], ids=["zero", "negative", "bool", "float", "str"])
 def test_normalized_shape_refused_with_its_value(cls, shape):
     with pytest.raises((ValueError, TypeError), match=rf"{cls.__name__}: normalized_shape .*{shape!r}".replace(
             "(", r"\(").replace(")", r"\)")):
         cls(shape)
+
+
+@pytest.mark.parametrize("cls", TP_NORMS, ids=lambda c: c.__name__)
+def test_several_normalized_dims_refused_or_exactly_as_torch(cls):
+    """Either a clear refusal, or what nn.LayerNorm / nn.RMSNorm do with (4, 8): normalise over both dims."""
+    try:
+        norm = cls((4, 8))
+    except (ValueError, TypeError) as exc:
+        assert f"{cls.__name__}: normalized_shape" in str(exc) and "(4, 8)" in str(exc), str(exc)
+        return
+    assert norm.normalized_shape == (4, 8)
+    x = torch.randn(3, 4, 8, generator=torch.Generator().manual_seed(0))
+    y = norm(x)
+    assert y.shape == x.shape
+    torch_cls = {"SequenceParallelLayerNorm": nn.LayerNorm, "ShardedLayerNorm": nn.LayerNorm,
+                 "SequenceParallelRMSNorm": nn.RMSNorm, "ShardedRMSNorm": nn.RMSNorm}.get(cls.__name__)
+    if torch_cls is not None:
+        ref = torch_cls((4, 8), eps=norm.eps)
+        torch.testing.assert_close(y, ref(x), rtol=1e-5, atol=1e-6)
 
 
 def _norm_parameters(case: Case) -> list[tuple[str, nn.Module]]:

@@ -20,6 +20,17 @@ Rules every function here keeps:
   ``t`` counts ``t.nbytes``; an all-gather counts the local shard; a reduce-scatter the full
   input). Uneven all-gathers and reduce-scatters pad every shard to the largest one (gloo and
   NCCL want equal sizes), and the padded bytes are what is counted.
+
+Under ``torch.compile`` every collective here is one registered custom op
+(``torch.ops.distnorm.all_reduce`` / ``all_gather`` / ``reduce_scatter`` / ``broadcast``), so
+the autograd pairs, the plain helpers and the async ``start_*`` helpers trace with
+``fullgraph=True`` and no graph break, backward included. The ops are *ordered* effects: the
+compiler neither drops, merges nor reorders them, so every rank issues the same collectives in
+the same order whatever each rank's (uneven) shapes make of its graph. Each op's kernel is the
+eager helper itself, run when the compiled graph runs: :func:`count_collectives`, the bytes and
+the :mod:`distnorm.debug` consistency checks see exactly what they see in eager mode, once per
+call. Inside a compiled graph the ``start_*`` helpers complete at issue (the compiler owns the
+schedule), and ``all_gather_object`` (pickled objects) cannot be traced.
 """
 
 from __future__ import annotations
@@ -265,6 +276,11 @@ def all_reduce_(
         )
     if group_size(group) == 1:
         return _DoneWork() if async_op else tensor
+    if torch.compiler.is_compiling():
+        assert group is not None
+        with torch.no_grad():  # like the in-place c10d op: the values change, autograd's view of tensor does not
+            tensor.copy_(_all_reduce_op(tensor.detach(), op, group.group_name))
+        return _DoneWork() if async_op else tensor
     _record("all_reduce", tensor, group)
     work = dist.all_reduce(tensor, op=_REDUCE_OPS[op], group=group, async_op=async_op)
     return work if async_op else tensor
@@ -280,8 +296,11 @@ def broadcast_(tensor: torch.Tensor, src: int, group: Group) -> torch.Tensor:
         )
     if world == 1:
         return tensor
-    _record("broadcast", tensor, group)
     assert group is not None
+    if torch.compiler.is_compiling():
+        with torch.no_grad():
+            return tensor.copy_(_broadcast_op(tensor.detach(), src, group.group_name))
+    _record("broadcast", tensor, group)
     dist.broadcast(tensor, src=dist.get_global_rank(group, src), group=group)
     return tensor
 
@@ -312,12 +331,13 @@ class PendingCollective:
     ``wait()`` may be called more than once; the work handle is waited for the first time only.
     """
 
-    def __init__(self, work: Any, finish: Callable[[], torch.Tensor]) -> None:
+    def __init__(self, work: Any, finish: Callable[[], torch.Tensor] | None, result: torch.Tensor | None = None) -> None:
         self._work, self._finish = work, finish
-        self._result: torch.Tensor | None = None
+        self._result = result
 
     def wait(self) -> torch.Tensor:
         if self._result is None:
+            assert self._finish is not None
             if self._work is not None:
                 self._work.wait()
             self._result = self._finish()
@@ -325,7 +345,8 @@ class PendingCollective:
 
     @classmethod
     def done(cls, result: torch.Tensor) -> PendingCollective:
-        return cls(None, lambda: result)
+        """A collective that has already completed with ``result``."""
+        return cls(None, None, result)
 
 
 def all_gather_uneven(
@@ -356,6 +377,9 @@ def start_all_gather_uneven(
             f"all_gather_uneven: tensor must have size {sizes[rank]} along dim {dim} on rank "
             f"{rank} (sizes={sizes}), got shape {tuple(tensor.shape)} (rank {_global_rank()})"
         )
+    if torch.compiler.is_compiling():
+        assert group is not None
+        return PendingCollective.done(_all_gather_op(tensor.detach(), dim, sizes, group.group_name))
     largest = max(sizes)
     padded = _pad_along(tensor, dim, largest)
     parts = [torch.empty_like(padded) for _ in range(world)]
@@ -396,6 +420,9 @@ def start_reduce_scatter_uneven(
             f"reduce_scatter_uneven: sizes {sizes} must sum to the extent {n} of dim {dim} "
             f"(rank {_global_rank()})"
         )
+    if torch.compiler.is_compiling():
+        assert group is not None
+        return PendingCollective.done(_reduce_scatter_op(tensor.detach(), dim, sizes, group.group_name))
     largest = max(sizes)
     chunks = [_pad_along(c, dim, largest) for c in tensor.split(sizes, dim=dim)]
     out = torch.empty_like(chunks[0])
@@ -417,6 +444,79 @@ def _local_slice(tensor: torch.Tensor, group: Group, dim: int, sizes: Sequence[i
         )
     rank = group_rank(group)
     return tensor.narrow(dim, sum(sizes[:rank]), sizes[rank]).contiguous()
+
+
+# --------------------------------------------------------------------------------------------
+# torch.compile: each collective is one ordered custom op whose kernel is the eager helper
+# --------------------------------------------------------------------------------------------
+# A process group cannot be an op argument: the ops take its name and resolve it when they run.
+# Their kernels run the eager helpers above, so counting, the debug hooks and the uneven-size
+# padding are one code path for eager and compiled callers. The fake kernels give the shapes.
+# Like the eager helpers they carry no autograd (inputs are detached); the autograd pairs below
+# supply the conjugate backward.
+
+
+def _resolve(group_name: str) -> dist.ProcessGroup:
+    return dist.distributed_c10d._resolve_process_group(group_name)  # type: ignore[arg-type]
+
+
+@torch.library.custom_op("distnorm::all_reduce", mutates_args=())
+def _all_reduce_op(x: torch.Tensor, op: str, group_name: str) -> torch.Tensor:
+    return all_reduce_(x.clone(memory_format=torch.contiguous_format), _resolve(group_name), op=op)
+
+
+@torch.library.custom_op("distnorm::broadcast", mutates_args=())
+def _broadcast_op(x: torch.Tensor, src: int, group_name: str) -> torch.Tensor:
+    return broadcast_(x.clone(memory_format=torch.contiguous_format), src, _resolve(group_name))
+
+
+@torch.library.custom_op("distnorm::all_gather", mutates_args=())
+def _all_gather_op(x: torch.Tensor, dim: int, sizes: list[int], group_name: str) -> torch.Tensor:
+    return start_all_gather_uneven(x, _resolve(group_name), dim=dim, sizes=sizes, async_op=False).wait()
+
+
+@torch.library.custom_op("distnorm::reduce_scatter", mutates_args=())
+def _reduce_scatter_op(x: torch.Tensor, dim: int, sizes: list[int], group_name: str) -> torch.Tensor:
+    out = start_reduce_scatter_uneven(x, _resolve(group_name), dim=dim, sizes=sizes, async_op=False).wait()
+    return out.contiguous()
+
+
+def _resized(x: torch.Tensor, dim: int, size: int) -> torch.Tensor:
+    shape = list(x.shape)
+    shape[dim] = size
+    return x.new_empty(shape)
+
+
+@_all_reduce_op.register_fake
+def _(x: torch.Tensor, op: str, group_name: str) -> torch.Tensor:
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@_broadcast_op.register_fake
+def _(x: torch.Tensor, src: int, group_name: str) -> torch.Tensor:
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@_all_gather_op.register_fake
+def _(x: torch.Tensor, dim: int, sizes: list[int], group_name: str) -> torch.Tensor:
+    return _resized(x, dim, sum(sizes))
+
+
+@_reduce_scatter_op.register_fake
+def _(x: torch.Tensor, dim: int, sizes: list[int], group_name: str) -> torch.Tensor:
+    return _resized(x, dim, sizes[dist.get_rank(_resolve(group_name))])
+
+
+def _register_effects() -> None:
+    # Ordered: never dead-code eliminated, merged or reordered by torch.compile, so every rank
+    # issues its collectives in program order even where uneven shards give ranks other graphs.
+    from torch._library.effects import EffectType
+
+    for name in ("all_reduce", "broadcast", "all_gather", "reduce_scatter"):
+        torch.library._register_effectful_op(f"distnorm::{name}", EffectType.ORDERED)
+
+
+_register_effects()
 
 
 # --------------------------------------------------------------------------------------------

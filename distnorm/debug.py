@@ -4,7 +4,10 @@
   flag a config sets): before each distnorm collective, the ranks of its group all-gather a
   14-number description of what they are about to do — collective kind, calling function, shape,
   dtype, device type — and raise on **every** rank a RuntimeError that names the op and each
-  rank's value when they disagree, instead of hanging or reducing garbage. Off by default.
+  rank's value when they disagree, instead of hanging or reducing garbage. On the first forward of
+  each distnorm module they also compare the module's hyper-parameters across its group
+  (:func:`check_hyper_parameters`: eps, sizes, affine flags, momentum, group size, parameter
+  dtypes...), which no collective's shape reveals. Off by default.
 * :func:`check_replicas`: are the replicated parameters and buffers (running statistics) of a model
   bitwise identical across a group? One all-reduce of exact integer checksums; details only when
   something differs.
@@ -15,8 +18,10 @@ Costs (all off unless asked for):
 
 * consistency checks: one extra all-gather of 14 int64 (112 B) per rank before every distnorm
   collective, plus a host sync to compare them (so async overlap is serialised) and a Python stack
-  walk. On the gloo/CPU path that roughly doubles the latency of small collectives. A mismatch
-  costs one more ``all_gather_object`` to fetch the readable descriptions.
+  walk. On the gloo/CPU path that roughly doubles the latency of small collectives. Once per
+  distnorm module with a group of P > 1: one all-gather of 2 int64 (its hyper-parameters' checksum)
+  on its first forward, and a forward pre-hook on every module call while the checks are on. A
+  mismatch costs one more ``all_gather_object`` to fetch the readable descriptions.
 * check_replicas: one all-reduce of ``6 * num_tensors`` int64 and a pass over every byte of the
   checked tensors; on a mismatch one ``all_gather_object`` of the differing tensors.
 * detect_nonfinite: one ``isfinite`` reduction and host sync per module output (and input).
@@ -28,6 +33,7 @@ import contextlib
 import functools
 import sys
 import threading
+import weakref
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -46,12 +52,14 @@ __all__ = [
     "NonFiniteError",
     "NonFiniteEvent",
     "NonFiniteReport",
+    "check_hyper_parameters",
     "check_replicas",
     "consistency_check_stats",
     "consistency_checks",
     "consistency_checks_enabled",
     "detect_nonfinite",
     "enable_consistency_checks",
+    "hyper_parameters",
 ]
 
 
@@ -191,8 +199,10 @@ def enable_consistency_checks(enabled: bool = True) -> bool:
     was = consistency_checks_enabled()
     if enabled and not was:
         comm._GLOBAL_HOOKS.append(_consistency_hook)
+        _module_hook_acquire()
     elif not enabled and was:
         comm._GLOBAL_HOOKS.remove(_consistency_hook)
+        _module_hook_release()
     return was
 
 
@@ -215,7 +225,8 @@ def consistency_checks() -> Iterator[None]:
     the function that issued it, dtype, device type, shape; uneven all-gathers are compared on the
     padded shard every rank sends, so legitimate uneven splits agree). When the descriptions
     differ, every rank raises the same RuntimeError naming the op and each rank's value; a rank
-    that has died or never arrives still gives the process group's timeout error.
+    that has died or never arrives still gives the process group's timeout error. The first
+    forward of each distnorm module inside the block also runs :func:`check_hyper_parameters`.
 
     Cost: 1 extra all-gather (112 B per rank) and a host sync per collective; these all-gathers
     are kept out of ``count_collectives`` (so pinned contracts hold with checks on) and counted by
@@ -225,10 +236,144 @@ def consistency_checks() -> Iterator[None]:
     """
     hooks = comm._active_hooks()
     hooks.append(_thread_hook)
+    _module_hook_acquire()
     try:
         yield
     finally:
+        _module_hook_release()
         hooks.remove(_thread_hook)
+
+
+# --------------------------------------------------------------------------------------------
+# Hyper-parameters, compared on a module's first use
+# --------------------------------------------------------------------------------------------
+
+_SIMPLE = (bool, int, float, str, type(None), torch.dtype)
+# Attributes that legitimately differ across ranks (this rank's piece of a sharded module), plus
+# names ending in _local / _shard (STYLE.md) and whatever a class lists in ``rank_local_attributes``.
+_RANK_LOCAL = ("local_size", "param_shape")
+_CHECKED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+_module_hook_lock = threading.Lock()
+_module_hook: list[Any] = [0, None]  # [users, handle of the global forward pre-hook]
+
+
+def _is_simple(value: object) -> bool:
+    if isinstance(value, (tuple, list)):
+        return all(_is_simple(v) for v in value)
+    return isinstance(value, _SIMPLE)
+
+
+def _rank_local(module: nn.Module, name: str) -> bool:
+    return (name in _RANK_LOCAL or name.endswith(("_local", "_shard"))
+            or name in getattr(module, "rank_local_attributes", ()))
+
+
+def _module_group(module: nn.Module) -> Group:
+    """The process group a distnorm module talks over: its ``group``, else its first descendant's."""
+    for m in module.modules():
+        group = getattr(m, "group", None)
+        if isinstance(group, dist.ProcessGroup):
+            return group
+    return None
+
+
+def hyper_parameters(module: nn.Module) -> dict[str, str]:
+    """What every rank of a module's group must agree on, as ``{field: repr}``.
+
+    The module's class, its group size, its public attributes of simple type (numbers, strings,
+    flags, dtypes and tuples of them: ``eps``, ``normalized_shape``, ``momentum``, ``affine``,
+    ``channel_dim``, ``warmup_iters``...) except this rank's pieces (``local_size``,
+    ``param_shape``, names ending in ``_local`` / ``_shard`` and any listed in the class attribute
+    ``rank_local_attributes``, which legitimately differ across ranks), and the name and
+    dtype of each of its own parameters and buffers (``bias=False`` on one rank shows as a missing
+    ``parameter bias``). The same for every descendant module, prefixed with its name.
+    """
+    out: dict[str, str] = {}
+    for prefix, m in module.named_modules():
+        at = f"{prefix}." if prefix else ""
+        out[f"{at}class"] = type(m).__qualname__
+        for name, value in sorted(vars(m).items()):
+            if not name.startswith("_") and name != "training" and not _rank_local(m, name) and _is_simple(value):
+                out[f"{at}{name}"] = repr(value)
+        for kind, tensors in (("parameter", m.named_parameters(recurse=False)), ("buffer", m.named_buffers(recurse=False))):
+            for name, t in tensors:
+                out[f"{at}{kind} {name}"] = str(t.dtype).removeprefix("torch.")
+    out["group size"] = str(group_size(_module_group(module)))
+    return out
+
+
+def check_hyper_parameters(module: nn.Module, group: Group = None) -> None:
+    """Raise on every rank of ``group`` (default: the module's own) when its ranks configure ``module`` differently.
+
+    Compares :func:`hyper_parameters`: a different ``eps`` on two ranks of a ``ShardedRMSNorm``,
+    another ``momentum``, ``affine`` or ``num_features`` on one replica... — mistakes no
+    collective's shape reveals, which otherwise train silently wrong. The RuntimeError names the
+    module, each differing field and every rank's value. Run automatically on the first forward of
+    each distnorm module while :func:`consistency_checks` is on.
+
+    Collectives (P > 1): 1 all-gather of 2 int64 (a checksum and the field count); on a mismatch
+    1 ``all_gather_object`` of the descriptions. Every rank must call it alike.
+    """
+    group = _module_group(module) if group is None else group
+    world = group_size(group)
+    if world == 1:
+        return
+    desc = hyper_parameters(module)
+    text = "\n".join(f"{k}={v}" for k, v in sorted(desc.items()))
+    codes = torch.tensor([_code(text), len(desc)], dtype=torch.int64, device=_check_device(group))
+    busy, _state.busy = getattr(_state, "busy", False), True  # the check's own collectives are not checked
+    counters = comm._active_counters()
+    hidden = list(counters)
+    counters.clear()  # nor counted: pinned contracts hold with checks on
+    try:
+        _state.checks = getattr(_state, "checks", 0) + 1
+        _state.check_bytes = getattr(_state, "check_bytes", 0) + codes.nbytes
+        rows = comm.all_gather_uneven(codes, group).view(world, 2).tolist()  # host sync: debug only
+        if all(row == rows[0] for row in rows):
+            return
+        everyone = comm.all_gather_object(desc, group)
+    finally:
+        _state.busy = busy
+        counters.extend(hidden)
+    fields = sorted({k for d in everyone for k in d})
+    lines = [
+        f"distnorm consistency check failed: {type(module).__name__} is configured differently on the ranks of its "
+        f"group of {world} (raised on rank {group_rank(group)} of the group, global rank {_rank()}):"
+    ]
+    for name in fields:
+        values = [d.get(name, "<absent>") for d in everyone]
+        if len(set(values)) > 1:
+            lines.append(f"  {name}: " + "; ".join(f"rank {r}: {v}" for r, v in enumerate(values)))
+    lines.append("Build the module with the same arguments on every rank (see docs/troubleshooting.md).")
+    raise RuntimeError("\n".join(lines))
+
+
+def _checks_active() -> bool:
+    return consistency_checks_enabled() or _thread_hook in comm._active_hooks()
+
+
+def _first_use_hook(module: nn.Module, args: Any) -> None:
+    if (torch.compiler.is_compiling() or module in _CHECKED or not type(module).__module__.startswith("distnorm.")
+            or getattr(_state, "busy", False) or not _checks_active()):
+        return
+    for m in module.modules():  # the outermost distnorm module checks its descendants too
+        _CHECKED.add(m)
+    check_hyper_parameters(module)
+
+
+def _module_hook_acquire() -> None:
+    with _module_hook_lock:
+        if _module_hook[0] == 0:
+            _module_hook[1] = nn.modules.module.register_module_forward_pre_hook(_first_use_hook)
+        _module_hook[0] += 1
+
+
+def _module_hook_release() -> None:
+    with _module_hook_lock:
+        _module_hook[0] -= 1
+        if _module_hook[0] == 0:
+            _module_hook[1].remove()
+            _module_hook[1] = None
 
 
 # --------------------------------------------------------------------------------------------

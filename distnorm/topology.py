@@ -13,6 +13,7 @@ Nothing here is read at import time, and no op reads a global topology: modules 
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
 from dataclasses import dataclass, field
@@ -219,9 +220,16 @@ def init_distributed(
 
 
 def destroy() -> None:
-    """Forget cached topologies and destroy the default group if :func:`init_distributed` made it."""
+    """Forget cached topologies and destroy the default group if :func:`init_distributed` made it.
+
+    Unreachable objects are collected first, while the groups are alive: a dropped
+    ``DistributedDataParallel`` model sits in a reference cycle until the garbage collector runs,
+    and if that happens after the group is destroyed its Reducer frees the last reference to a gloo
+    group while holding the GIL, which can deadlock (torch 2.13; see docs/integration.md#ddp).
+    """
     global _OWNED_GROUP
     _CACHE.clear()
+    gc.collect()
     if _OWNED_GROUP and dist.is_initialized():
         dist.destroy_process_group()
     _OWNED_GROUP = False

@@ -306,3 +306,83 @@ def test_start_helpers_complete_on_wait(world):
         assert rs_again is rs
         torch.testing.assert_close(ag, x, rtol=0, atol=0)
         assert counts == ({} if world == 1 else {"reduce_scatter": 1, "all_gather": 1})
+
+
+# --------------------------------------------------------------------------------------------
+# torch.compile: every collective is an ordered custom op; counts as in eager
+# --------------------------------------------------------------------------------------------
+
+
+def _pairs(group, sizes, rank, x, x_shard, xs_r, w):
+    """Every autograd pair, uneven where it can be, reduced to one loss."""
+    a = comm.copy_to_group(x, group) * w
+    b = comm.reduce_from_group(xs_r, group) * w
+    c = comm.gather_along(x_shard, group, 0, sizes) * w
+    d = comm.scatter_along(x, group, 0)
+    e = comm.reduce_scatter_along(xs_r, group, 0)
+    return a.sum() + b.square().sum() + c.sum() + d.square().sum() + (e * e).sum()
+
+
+def _helpers(group, sizes, rank, t):
+    """Every plain helper, the async ones included (no autograd)."""
+    m = comm.all_reduce_(t.clone(), group, op="max")
+    work = comm.all_reduce_(t.clone() * (rank + 1), group, async_op=True)
+    work.wait()
+    b = comm.broadcast_(t.clone(), 1, group)
+    ag = comm.all_gather_uneven(t[: sizes[rank]], group, sizes=sizes)
+    rs = comm.reduce_scatter_uneven(t, group)
+    pending_ag = comm.start_all_gather_uneven(t[: sizes[rank]], group, sizes=sizes)
+    pending_rs = comm.start_reduce_scatter_uneven(t, group)
+    return m, b, ag, rs, pending_ag.wait(), pending_rs.wait()
+
+
+def _compiled_rank(rank, world, x, xs, ws):
+    import torch._dynamo
+    import torch.distributed as dist
+    from torch._dynamo.testing import CompileCounterWithBackend
+    from torch._dynamo.utils import counters
+
+    group, sizes = dist.group.WORLD, shard_sizes(N, world)
+    x_shard = split_for_world(x, world)[rank]
+    out = {}
+    for name, fn, args, grads in (
+        ("pairs", _pairs, (x, x_shard, xs[rank]), True),
+        ("helpers", _helpers, (xs[rank],), False),
+    ):
+        torch._dynamo.reset()
+        counters.clear()
+        cnt = CompileCounterWithBackend("aot_eager")
+        compiled = torch.compile(fn, backend=cnt, fullgraph=True)
+        runs = []
+        for f in (fn, compiled):
+            inputs = [a.clone().requires_grad_(grads) for a in args]
+            extra = (ws[rank],) if grads else ()
+            with count_collectives() as c:
+                result = f(group, sizes, rank, *inputs, *extra)
+                if grads:
+                    result.backward()
+            values = [result] if grads else list(result)
+            runs.append(([v.detach() for v in values] + [i.grad for i in inputs if i.grad is not None], c.as_dict()))
+        (want, want_counts), (got, got_counts) = runs
+        out[name] = {
+            "graphs": cnt.frame_count, "breaks": sum(counters["graph_break"].values()),
+            "error": max((g - w).abs().max().item() for g, w in zip(got, want, strict=True)),
+            "counts": got_counts, "eager_counts": want_counts,
+        }
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [2, 4])
+def test_every_collective_compiles_fullgraph_in_real_processes(world):
+    """fullgraph=True, one graph, no break; compiled == eager (values, gradients); count_collectives
+    reports the same kinds, counts and bytes under compile as in eager mode."""
+    x, xs, ws = _inputs(world)
+    for rank, result in enumerate(spawn(world, _compiled_rank, world, x, xs, ws, timeout=240)):
+        for name, r in result.items():
+            where = f"{name}, rank {rank} of {world}"
+            assert r["graphs"] == 1 and r["breaks"] == 0, f"{where}: {r['graphs']} graphs, {r['breaks']} breaks"
+            assert r["error"] <= 1e-12, f"{where}: compiled - eager = {r['error']}"
+            assert r["counts"] == r["eager_counts"], f"{where}: {r['counts']} != eager {r['eager_counts']}"
+        assert result["pairs"]["counts"]["all_gather"]["count"] == 3  # gather fwd, scatter bwd, reduce-scatter bwd
+        assert result["helpers"]["counts"]["all_reduce"]["count"] == 2

@@ -9,7 +9,7 @@ from torch import nn
 
 from distnorm import comm, debug
 from distnorm.comm import count_collectives, shard_sizes
-from distnorm.tensor_parallel import SequenceParallelRMSNorm, ShardedLayerNorm
+from distnorm.tensor_parallel import SequenceParallelRMSNorm, ShardedLayerNorm, ShardedRMSNorm
 from distnorm.testing import simulate, spawn, split_for_world
 
 WORLDS = [1, 2, 3, 4]
@@ -201,6 +201,74 @@ def test_flag_and_context_manager_check_once():
     finally:
         debug.enable_consistency_checks(False)
     assert outs == [({"all_reduce": 1}, 1)] * 2
+
+
+# --------------------------------------------------------------------------------------------
+# hyper-parameters, compared on first use
+# --------------------------------------------------------------------------------------------
+
+
+def _mismatched_norm(rank, world, which):
+    from distnorm.data_parallel import SyncBatchNorm
+
+    group = dist.group.WORLD
+    if which == "eps":  # the example: a different eps on one rank of a ShardedRMSNorm
+        norm, x = ShardedRMSNorm(8, eps=1e-5 if rank == 1 else 1e-6, group=group), torch.randn(3, 4)
+    elif which == "bias":
+        norm, x = ShardedLayerNorm(8, bias=rank != 0, group=group), torch.randn(3, 4)
+    else:
+        norm, x = SyncBatchNorm(4, momentum=0.1 if rank == 0 else 0.01, group=group), torch.randn(3, 4)
+    try:
+        with debug.consistency_checks():
+            norm(x)
+    except RuntimeError as exc:
+        return str(exc)
+    return None
+
+
+@pytest.mark.parametrize(("which", "line"), [
+    ("eps", "  eps: rank 0: 1e-06; rank 1: 1e-05"),
+    ("bias", "  parameter bias: rank 0: <absent>; rank 1: float32"),
+    ("momentum", "  momentum: rank 0: 0.1; rank 1: 0.01"),
+])
+def test_different_hyper_parameters_raise_on_every_rank(which, line):
+    for rank, msg in enumerate(simulate(2, _mismatched_norm, 2, which, timeout=TIMEOUT)):
+        assert msg is not None, f"rank {rank} did not raise"
+        assert "is configured differently on the ranks of its group of 2" in msg
+        assert line in msg.splitlines(), msg
+        assert f"raised on rank {rank} of the group" in msg
+
+
+def _agreeing_modules(rank, world, checked):
+    group = dist.group.WORLD
+    model = nn.Sequential(SequenceParallelRMSNorm(10, group=group), ShardedLayerNorm(10, group=group),
+                          ShardedRMSNorm(10, group=group))
+    x = torch.randn(3, 10, generator=torch.Generator().manual_seed(0))
+    x_shard = x.split(shard_sizes(10, world), dim=-1)[rank]  # uneven: local_size differs across ranks
+    before = debug.consistency_check_stats()[0]
+    with debug.consistency_checks() if checked else contextlib.nullcontext(), count_collectives() as c:
+        for _ in range(2):  # checked on the first call only
+            y = model[2](model[1](x_shard)) + model[0](x).split(shard_sizes(10, world), dim=-1)[rank]
+    return y, c.counts, debug.consistency_check_stats()[0] - before
+
+
+def test_agreeing_modules_with_uneven_shards_pass_and_are_checked_once():
+    plain = simulate(3, _agreeing_modules, 3, False, timeout=TIMEOUT)
+    checked = simulate(3, _agreeing_modules, 3, True, timeout=TIMEOUT)
+    for (y, counts, checks), (y0, counts0, checks0) in zip(checked, plain, strict=True):
+        torch.testing.assert_close(y, y0, rtol=0, atol=0)
+        assert counts == counts0 == {"all_reduce": 4} and checks0 == 0
+        assert checks == 3 + 4  # one hyper-parameter check per module, once; one per collective
+
+
+def test_hyper_parameters_leave_out_this_ranks_pieces():
+    norm = ShardedLayerNorm(8, eps=1e-3)
+    desc = debug.hyper_parameters(norm)
+    assert desc["eps"] == "0.001" and desc["normalized_shape"] == repr(norm.normalized_shape)
+    assert desc["parameter bias"] == "float32" and desc["group size"] == "1" and desc["class"] == "ShardedLayerNorm"
+    assert not {"local_size", "param_shape", "training"} & desc.keys()
+    norm.rank_local_attributes = ("eps",)  # a class may name more of them
+    assert "eps" not in debug.hyper_parameters(norm)
 
 
 # --------------------------------------------------------------------------------------------

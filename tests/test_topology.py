@@ -141,3 +141,32 @@ def test_mpirun_2_processes(tmp_path):
     infos = _probe_files(tmp_path)
     assert [(i["rank"], i["launcher"], i["world"], i["tp_rank"], i["tp_members"]) for i in infos] == [
         (0, "mpirun", 2, 0, [0, 1]), (1, "mpirun", 2, 1, [0, 1])]
+
+
+def _dropped_ddp_is_freed_by_destroy(rank):
+    import gc
+    import weakref
+
+    import torch
+
+    topo = dn.init_distributed()
+    gc.disable()  # as if the collector had not run yet
+    try:
+        ddp = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(3, 3), process_group=topo.dp_group)
+        ddp(torch.randn(2, 3)).sum().backward()
+        reducer = weakref.ref(ddp.reducer)
+        del ddp
+        alive_after_del = reducer() is not None  # DDP sits in a reference cycle
+        dn.topology.destroy()
+        return alive_after_del, reducer() is None
+    finally:
+        gc.enable()
+
+
+@pytest.mark.slow
+def test_destroy_frees_a_dropped_ddp_model_before_the_group():
+    """A dropped DDP model must not outlive the process group: its Reducer freeing the last reference
+    to a gloo group can deadlock at exit (docs/integration.md#ddp). destroy() collects it first."""
+    from distnorm.testing import spawn
+
+    assert spawn(2, _dropped_ddp_is_freed_by_destroy, timeout=120) == [(True, True)] * 2

@@ -9,6 +9,7 @@ rank and carrying its traceback), and never wait past ``timeout``.
 
 from __future__ import annotations
 
+import gc
 import io
 import os
 import pickle
@@ -157,6 +158,7 @@ def _spawn_entry(
         try:
             result = fn(rank, *args, **kwargs)
         finally:
+            gc.collect()  # free what fn dropped (a DDP model's reference cycle) while the group is alive
             dist.destroy_process_group()
         out.put((rank, "ok", _to_bytes(result)))
     except BaseException as exc:  # noqa: BLE001 - shipped to the parent

@@ -70,8 +70,11 @@ class FrozenScaleNorm(NormBase, DeferredGradSync):
 
     ``parallel="sequence"`` (default): ``x [*, H]`` holds this rank's tokens, parameters replicated;
     ``parallel="sharded"``: ``x [*, H_local]``, ``H_local = shard_sizes(H, P)[rank]``, parameters
-    this rank's columns. Output shape and dtype of ``x``; computed in float32 (float64 for float64
-    ``x``). Collectives (P > 1): sequence: fwd none; bwd 1 all-reduce of the ``H`` (``2H`` with a
+    this rank's columns. ``weight``/``bias`` have shape ``param_shape``: ``(H,)`` (sequence),
+    ``(shard_sizes(H, P)[rank],)`` (sharded), ``(1,)`` (``single_scale``, no bias); another shape,
+    assigned, loaded or passed through ``torch.func.functional_call``, is a ValueError (RuntimeError
+    from ``load_state_dict``) naming the parameter, both shapes and the rank, never a broadcast.
+    Output shape and dtype of ``x``; computed in float32 (float64 for float64 ``x``). Collectives (P > 1): sequence: fwd none; bwd 1 all-reduce of the ``H`` (``2H`` with a
     bias) parameter-gradient numbers (``grad_sync="backward"``) or none (``"deferred"``:
     ``sync_sequence_parallel_grads``). Sharded with ``center``: fwd 1 all-reduce of 1 number/token
     (Σx), bwd 1 all-reduce of 1 number/token; sharded without: none. ``group`` None or P == 1: none.
@@ -124,6 +127,7 @@ class FrozenScaleNorm(NormBase, DeferredGradSync):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         cls = type(self).__name__
+        self.check_parameters()  # weight / bias still of param_shape: a broadcast would be silently wrong
         what = "this rank's hidden shard" if self.sharded else "normalized_shape"
         check_inputs(cls, x, self.weight, self.bias, self.local_size, what, self.group)
         compute = torch.float64 if x.dtype == torch.float64 else torch.float32

@@ -58,12 +58,14 @@ def layer_norm(
 
     ``x [*, H_local] -> y [*, H_local]`` in ``x.dtype``; ``weight``/``bias [H_local]`` are this
     rank's shards, ``H_local = shard_sizes(hidden, P)[rank]``; ``hidden`` (the full size) is
-    required when P > 1. Collectives (P > 1): fwd 1 all-reduce,
+    required when P > 1. A ``weight`` or ``bias`` of any other shape (a broadcastable ``[1]``
+    included) is a ValueError naming it, as in ``torch.nn.functional.layer_norm`` (shape metadata
+    only: no host sync, compile-friendly). Collectives (P > 1): fwd 1 all-reduce,
     16 B/token (float64 [n·mean, M2 + n·mean²]); bwd 1 all-reduce, 8 B/token (fp32 [Σg, Σg·x_hat];
     16 for float64 inputs). ``group`` None or P == 1: none (torch's native LayerNorm kernel).
     """
     return sharded_norm(x, weight, bias, eps, rms=False, group=group, hidden=hidden,
-                        zero_centered_gamma=zero_centered_gamma, output_scale=output_scale)
+                        zero_centered_gamma=zero_centered_gamma, output_scale=output_scale, fn="layer_norm")
 
 
 def rms_norm(
@@ -79,9 +81,10 @@ def rms_norm(
     """RMSNorm over the last dim, hidden-sharded over ``group`` when it has more than one rank.
 
     ``x [*, H_local] -> y [*, H_local]`` in ``x.dtype``, ``H_local = shard_sizes(hidden, P)[rank]``
-    (``hidden`` required when P > 1). Collectives (P > 1): fwd 1 all-reduce,
+    (``hidden`` required when P > 1); ``weight [H_local]`` exactly (a ``[1]`` one is a ValueError,
+    as in ``torch.nn.functional.rms_norm``). Collectives (P > 1): fwd 1 all-reduce,
     4 B/token (Σx², fp32; 8 for float64 inputs); bwd 1 all-reduce, 4 B/token (Σg·x_hat).
     ``group`` None or P == 1: none.
     """
     return sharded_norm(x, weight, None, eps, rms=True, group=group, hidden=hidden,
-                        zero_centered_gamma=zero_centered_gamma, output_scale=output_scale)
+                        zero_centered_gamma=zero_centered_gamma, output_scale=output_scale, fn="rms_norm")

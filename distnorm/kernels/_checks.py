@@ -122,8 +122,13 @@ def check_norm_inputs(
     expected_last: int,
     what: str,
     group: Group,
+    *,
+    param_shapes: bool = False,
 ) -> None:
-    """Dtype, device and last-dim checks on a norm's forward operands."""
+    """Dtype, device and last-dim checks on a norm's forward operands; with ``param_shapes`` also
+    ``weight``/``bias`` of shape ``(expected_last,)`` (the functional entry points, which hold no
+    parameters of their own: a ``[1]`` weight would broadcast where torch's ``F.layer_norm`` raises;
+    the modules check theirs against the shapes they were built with)."""
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
         raise TypeError(f"{cls}: x must be a floating-point tensor, got {got} {where_in(group)}")
@@ -134,6 +139,10 @@ def check_norm_inputs(
     for name, p in (("weight", weight), ("bias", bias)):
         if p is None:
             continue
+        if param_shapes and p.shape != (expected_last,):
+            raise ValueError(
+                f"{cls}: {name} must have shape ({expected_last},) ({what}), got {tuple(p.shape)} {where_in(group)}"
+            )
         if p.device != x.device:
             raise ValueError(
                 f"{cls}: {name} must be on x's device {x.device}, got {name} on {p.device} {where_in(group)}"

@@ -393,26 +393,30 @@ def sharded_norm(
     zero_centered_gamma: bool = False,
     output_scale: float = 1.0,
     backend: str = "auto",
+    fn: str = "sharded_norm",
 ) -> torch.Tensor:
     """Norm over a hidden dim split across ``group``.
 
     ``x [*, H_local] -> y [*, H_local]`` in ``x.dtype``, ``H_local = shard_sizes(hidden, P)[rank]``;
-    ``weight``/``bias [H_local]``. ``hidden`` (the full size) is required when P > 1: it cannot be
-    read off the local shard without a collective. Collectives (P > 1): fwd 1 all-reduce
-    (LayerNorm 16 B/token; RMSNorm 4 B/token, 8 for float64 x); bwd 1 all-reduce (LayerNorm
-    8 B/token, RMSNorm 4; doubled for float64 x). ``group`` None or P == 1: none, the local op.
+    ``weight``/``bias [H_local]`` exactly (anything else, a broadcastable ``[1]`` included, is a
+    ValueError, as in ``torch.nn.functional.layer_norm``). ``hidden`` (the full size) is required
+    when P > 1: it cannot be read off the local shard without a collective. Collectives (P > 1):
+    fwd 1 all-reduce (LayerNorm 16 B/token; RMSNorm 4 B/token, 8 for float64 x); bwd 1 all-reduce
+    (LayerNorm 8 B/token, RMSNorm 4; doubled for float64 x). ``group`` None or P == 1: none, the
+    local op. ``fn``: the name errors give (the caller's).
     """
     world = group_size(group)
     if hidden is None:
         if world > 1:
             raise ValueError(
-                f"sharded_norm: hidden (the full normalized size) is required for a group of size {world}, "
+                f"{fn}: hidden (the full normalized size) is required for a group of size {world}, "
                 f"got None {where_in(group)}"
             )
         hidden = x.shape[-1]
-    expected = local_shard_size(hidden, group, cls="sharded_norm")
-    check_norm_inputs("sharded_norm", x, weight, bias, expected,
-                      f"this rank's hidden shard shard_sizes({hidden}, {world})[{comm.group_rank(group)}]", group)
+    expected = local_shard_size(hidden, group, cls=fn)
+    what = (f"this rank's hidden shard shard_sizes({hidden}, {world})[{comm.group_rank(group)}]" if world > 1
+            else "x's last dim")
+    check_norm_inputs(fn, x, weight, bias, expected, what, group, param_shapes=True)
     kw = {"zero_centered_gamma": zero_centered_gamma, "output_scale": output_scale, "backend": backend}
     if world == 1:
         return sequence_parallel_norm(x, weight, bias, eps, rms=rms, **kw)  # type: ignore[arg-type]

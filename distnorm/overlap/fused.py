@@ -59,6 +59,7 @@ __all__ = [
     "CollectiveLauncher",
     "FusedNormCall",
     "add_rms_norm",
+    "check_norm_weight",
     "fused_allreduce_rms_norm",
     "symm_mem_unavailable_reason",
 ]
@@ -469,16 +470,26 @@ def check_fused_inputs(partial: torch.Tensor, residual: torch.Tensor, weight: to
         raise TypeError(f"{fn}: residual dtype must equal partial's {partial.dtype}, got {residual.dtype} ({where})")
     if residual.device != partial.device:
         raise ValueError(f"{fn}: residual must be on partial's device {partial.device}, got {residual.device} ({where})")
-    if weight is not None:
-        if not isinstance(weight, torch.Tensor) or tuple(weight.shape) != (hidden,):
-            shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
-            raise ValueError(f"{fn}: weight must have shape ({hidden},), got {shape} ({where})")
-        if not weight.is_floating_point():
-            raise TypeError(f"{fn}: weight must be floating point, got {weight.dtype} ({where})")
-        if weight.device != partial.device:
-            raise ValueError(f"{fn}: weight must be on partial's device {partial.device}, got {weight.device} ({where})")
+    check_norm_weight(weight, hidden, partial.device, name="weight", like="partial", fn=fn, where=where)
     if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps >= 0:
         raise ValueError(f"{fn}: eps must be a float >= 0, got {eps!r} ({where})")
+
+
+def check_norm_weight(weight: object, hidden: int, device: torch.device, *, name: str, like: str, fn: str,
+                      where: str) -> None:
+    """``weight`` (called ``name`` in the error) is None or a floating ``[hidden]`` tensor on
+    ``device``, the device of the argument ``like``. Shape, dtype and device metadata only: no host
+    sync, and inside a ``torch.compile`` graph a guard, not a break. A ``[1]`` weight would
+    broadcast over the hidden dim, a silently wrong answer: ValueError."""
+    if weight is None:
+        return
+    if not isinstance(weight, torch.Tensor) or tuple(weight.shape) != (hidden,):
+        shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
+        raise ValueError(f"{fn}: {name} must have shape ({hidden},), got {shape} ({where})")
+    if not weight.is_floating_point():
+        raise TypeError(f"{fn}: {name} must be floating point, got {weight.dtype} ({where})")
+    if weight.device != device:
+        raise ValueError(f"{fn}: {name} must be on {like}'s device {device}, got {weight.device} ({where})")
 
 
 def make_launcher(group: Group, backend: str, device: torch.device, *, async_op: bool,

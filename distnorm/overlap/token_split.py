@@ -32,12 +32,13 @@ from distnorm.overlap.fused import (
     CollectiveLauncher,
     Mode,
     NormedGrad,
+    check_norm_weight,
     check_options,
     fused_allreduce_rms_norm,
     make_launcher,
 )
 from distnorm.overlap.schedule import Step, chain, replay
-from distnorm.overlap.weave import ChunkLayout, WeaveBlock, WeaveRun, woven
+from distnorm.overlap.weave import ChunkLayout, WeaveBlock, WeaveRun, can_weave, woven
 from distnorm.tensor_parallel.linear import ColumnParallelLinear, RowParallelLinear
 
 __all__ = ["DeviceProfile", "ParallelMLPBlock", "TokenSplitPlan", "TokenWeaver", "WeaveBlock", "plan_token_split"]
@@ -412,10 +413,13 @@ class TokenWeaver(nn.Module):
         allreduce fwd  compute A_i | issue A_i | wait B_{i-1}, norm | compute B_i | issue B_i | wait A_i, norm
 
     The backward is woven the same way (its collectives issued asynchronously, one half's in
-    flight during the other half's backward compute) whenever gradients are wanted and the code
-    is not being compiled (:mod:`distnorm.overlap.weave`); under ``torch.compile`` it is the
-    autograd of the forward graph (correct, collectives blocking). On gloo/NCCL "issue" returns a
-    work handle; ``symm_mem`` and ``stand_in`` use one side stream. No host syncs.
+    flight during the other half's backward compute) whenever gradients are wanted, the code is
+    not being compiled and no saved-tensor hooks are active (:func:`~distnorm.overlap.weave.can_weave`);
+    under ``torch.compile``, non-reentrant or selective activation checkpointing (whose recompute
+    runs once per backward call) and offloading hooks it is the autograd of the forward graph
+    (the same gradients, collectives blocking); reentrant checkpointing weaves the backward of
+    its recomputed forward. On gloo/NCCL "issue" returns a work handle; ``symm_mem`` and
+    ``stand_in`` use one side stream. No host syncs.
 
     ``plan``: a :class:`TokenSplitPlan` for ``T`` tokens, a callable ``T -> plan`` (e.g. a
     ``functools.partial`` of :func:`plan_token_split`), or None (no split). In reduce_scatter
@@ -423,7 +427,10 @@ class TokenWeaver(nn.Module):
     rows of each), so no token changes rank.
     ``mode``/``backend``/``normed_grad``: as :func:`fused_allreduce_rms_norm`; every block's
     ``normed_grad`` attribute (default ``"replicated"``) must match ``normed_grad``: it is the
-    gradient its ``partial`` hands back for ``x``.
+    gradient its ``partial`` hands back for ``x``. Every block's ``norm_weight`` must be None or a
+    floating ``[H]`` tensor on ``x``'s device, checked at each forward (shape metadata only), so
+    that one assigned or passed through ``torch.func.functional_call`` with another shape is a
+    ValueError naming it, never a broadcast.
 
     Collectives (P > 1, h halves, L blocks, per forward): allreduce mode ``h*L`` all-reduces;
     reduce_scatter mode ``h*L`` reduce-scatters and ``h*L`` all-gathers. Backward, besides the
@@ -497,10 +504,12 @@ class TokenWeaver(nn.Module):
                              f"{tuple(residual.shape)} ({where})")
         if residual.dtype != x.dtype:
             raise TypeError(f"TokenWeaver: residual dtype must equal x's {x.dtype}, got {residual.dtype} ({where})")
+        for i, block in enumerate(self.blocks):  # read now: functional_call and assignment swap them
+            check_norm_weight(block.norm_weight, hidden, x.device, name=f"blocks[{i}].norm_weight", like="x",
+                              fn="TokenWeaver", where=where)
         plan = self._plan_for(tokens)
         params = list({id(p): p for p in self.parameters() if p.requires_grad}.values())
-        record = (torch.is_grad_enabled() and not torch.compiler.is_compiling()
-                  and (x.requires_grad or residual.requires_grad or bool(params)))
+        record = can_weave() and (x.requires_grad or residual.requires_grad or bool(params))
         run = WeaveRun(list(self.blocks), group=self.group, launcher=launcher,
                        layout=ChunkLayout(self.mode, tokens, plan.halves, world, rank), mode=self.mode,
                        normed_grad=self.normed_grad, unfused=self.backend == "torch", record=record, params=params)

@@ -16,6 +16,15 @@ asynchronously, through the same launcher as the forward. Parameter gradients co
 Function's outputs (summed over chunks in float32, cast once), so DDP/FSDP hooks and
 ``torch.autograd.grad`` see ordinary gradients. Not supported: a second backward through the same
 forward (``retain_graph``) and double backward.
+
+When the forward may be run again (:func:`can_weave` is False) nothing is recorded and the
+backward is autograd's through the forward's graph. Under non-reentrant and selective activation
+checkpointing (and any other saved-tensor hooks) that is what keeps the gradients exact: the
+checkpoint recomputes its region once per backward *call*, and every ``torch.autograd.grad`` of a
+woven backward is one (the whole stack recomputed per piece, its forward collectives re-issued
+each time, and under selective checkpointing an error, "Trying to backward an extra time").
+Reentrant checkpointing runs the forward without grad, then again, with grad and no hooks, inside
+the backward: that second forward records and its backward is woven.
 """
 
 from __future__ import annotations
@@ -32,7 +41,19 @@ from distnorm.comm import Group, PendingCollective, shard_offsets, shard_sizes
 from distnorm.overlap.fused import CollectiveLauncher, FusedNormCall, norm_weight
 from distnorm.overlap.schedule import chain, interleave
 
-__all__ = ["ChunkLayout", "WeaveBlock", "WeaveRun"]
+__all__ = ["ChunkLayout", "WeaveBlock", "WeaveRun", "can_weave"]
+
+
+def can_weave() -> bool:
+    """Whether a forward run now may record pieces for a woven backward: grad mode on, not being
+    compiled (the compiler differentiates the graph it captured), and no saved-tensor hooks active
+    (``torch.utils.checkpoint`` with ``use_reentrant=False``, selective checkpointing, offloading
+    such as ``torch.autograd.graph.save_on_cpu``): a region under hooks may be recomputed, once
+    per backward call, and the woven backward makes one call per piece."""
+    if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return False
+    # the hooks torch.utils.checkpoint pushes; the query AOTAutograd makes (torch has no public one)
+    return torch._C._autograd._top_saved_tensors_default_hooks(True) is None
 
 
 class WeaveBlock(Protocol):

@@ -232,9 +232,14 @@ def _block_inputs(mode: str) -> Callable[[int, int, int], Inputs]:
     return inputs
 
 
-def _weaver(group: Group) -> nn.Module:
-    blocks = [ParallelMLPBlock(H, FFN, group=group) for _ in range(2)]
-    return TokenWeaver(blocks, group, TokenSplitPlan(num_tokens=T, first=4))
+def _weaver(group: Group, mode: str = "allreduce") -> nn.Module:
+    """Two blocks on two halves (allreduce mode), or on three chunks in reduce_scatter mode with the
+    minimum-byte ``normed_grad="partial"`` convention."""
+    normed_grad = "replicated" if mode == "allreduce" else "partial"
+    blocks = [ParallelMLPBlock(H, FFN, group=group, normed_grad=normed_grad) for _ in range(2)]  # type: ignore[arg-type]
+    plan = TokenSplitPlan(num_tokens=T, first=4) if mode == "allreduce" else TokenSplitPlan(
+        num_tokens=T, first=3, chunks=(3, 2, 2))
+    return TokenWeaver(blocks, group, plan, mode=mode, normed_grad=normed_grad)  # type: ignore[arg-type]
 
 
 _RNG_LOCK = threading.Lock()  # simulated ranks are threads sharing the global RNG
@@ -287,6 +292,8 @@ CASES: list[Case] = [
           _block_inputs("reduce_scatter"),
           kwargs={"mode": "reduce_scatter"}),
     Case("TokenWeaver", "overlap", _weaver, _block_inputs("allreduce")),
+    Case("TokenWeaver[reduce_scatter]", "overlap", lambda g: _weaver(g, "reduce_scatter"),
+         _block_inputs("reduce_scatter")),
     # data parallel and the running-statistics norms of the literature
     Case("SyncBatchNorm", "dp", lambda g: dn.SyncBatchNorm(C, group=g), local_batch("sbn", 1), stateful=True),
     Case("SyncBatchNorm[mask]", "dp", lambda g: dn.SyncBatchNorm(C, group=g, channel_dim=-1), masked_batch("sbn-m"),

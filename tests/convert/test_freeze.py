@@ -275,6 +275,61 @@ def test_freeze_bad_arguments() -> None:
         FrozenScaleNorm(4)(torch.zeros(2, 4, dtype=torch.long))
 
 
+FROZEN_FORMS: dict[str, dict[str, object]] = {
+    "sequence": {}, "sharded": {"parallel": "sharded"}, "single_scale": {"single_scale": True},
+    "single_scale[sharded]": {"single_scale": True, "parallel": "sharded"},
+}
+
+
+def _frozen_wrong_shapes(rank: int, world: int) -> dict[tuple[str, str, tuple[int, ...], str], str | None]:
+    """Each form's weight / bias swapped for wrong shapes (through functional_call, and in a state
+    dict): the error message, or None where nothing was raised."""
+    group = dist.group.WORLD if world > 1 else None
+    local = shard_sizes(10, world)[rank]
+    out: dict[tuple[str, str, tuple[int, ...], str], str | None] = {}
+    for form, kwargs in FROZEN_FORMS.items():
+        norm = FrozenScaleNorm(10, 0.5, group=group, **kwargs)  # type: ignore[arg-type]
+        width = local if kwargs.get("parallel") == "sharded" else 10
+        x = torch.randn(3, width, generator=torch.Generator().manual_seed(rank))
+        for name, p in norm.named_parameters():
+            n = p.shape[0]
+            for shape in {(1,), (), (n + 1,), (10,), (width,)} - {tuple(p.shape)}:
+                bad = torch.full(shape, 1.5)
+                for how in ("functional_call", "load_state_dict"):
+                    try:
+                        if how == "functional_call":
+                            torch.func.functional_call(norm, {name: bad}, (x,))
+                        else:
+                            norm.load_state_dict(dict(norm.state_dict(), **{name: bad}))
+                        out[form, name, shape, how] = None
+                    except (ValueError, RuntimeError) as exc:
+                        out[form, name, shape, how] = str(exc)
+    return out
+
+
+@pytest.mark.parametrize("world", [1, 3])
+def test_frozen_scale_norm_refuses_parameters_of_another_shape(world: int) -> None:
+    """weight / bias of any shape but the one built (``(H,)``; this rank's ``(H_local,)`` sharded;
+    ``(1,)`` single-scale) -- a broadcastable ``[1]`` or 0-d one, the full ``[H]`` on a shard --
+    raise naming the parameter, its shape, the expected one and the rank (ValueError at the forward,
+    RuntimeError from load_state_dict); none broadcasts."""
+    import re
+
+    for rank, errors in enumerate(simulate(world, _frozen_wrong_shapes, world, timeout=60)):
+        local = shard_sizes(10, world)[rank]
+        assert errors
+        for (form, name, shape, how), msg in errors.items():
+            expected = (1,) if form.startswith("single_scale") else (local,) if form == "sharded" else (10,)
+            where = f"{form}.{name} of shape {shape} via {how}, rank {rank}: {msg}"
+            if how == "functional_call":
+                want = (rf"^FrozenScaleNorm: {name} has shape {re.escape(str(shape))}, expected "
+                        rf"{re.escape(str(expected))} \(.*\) \(rank {rank} of {world}\)$")
+            else:
+                want = (rf"size mismatch for {name}: .*FrozenScaleNorm expects {re.escape(str(expected))} "
+                        rf"\(.*\) \(rank {rank} of {world}\)")
+            assert msg is not None and re.search(want, msg), where
+
+
 def test_frozen_scale_norm_resets_every_buffer_after_meta_init() -> None:
     norm = FrozenScaleNorm(4, 0.25, zero_centered_gamma=True, device="meta")
     norm.to_empty(device="cpu")

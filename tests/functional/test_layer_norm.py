@@ -84,3 +84,56 @@ def test_lower_layers_do_not_import_higher_ones():
         "assert 'distnorm.tensor_parallel' not in sys.modules and 'distnorm.overlap' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120, env={**os.environ, "PYTHONPATH": os.getcwd()})
+
+
+HIDDEN = 10  # over 3 ranks 4, 3, 3 columns
+
+
+def _wrong_parameter_errors(rank, world):
+    """Every wrong weight / bias shape fed to layer_norm / rms_norm on this rank: the error message
+    (or None where nothing was raised), keyed by (function, argument, shape)."""
+    import torch.distributed as dist
+
+    from distnorm.comm import shard_sizes
+    from distnorm.functional.layer_norm import layer_norm, rms_norm
+
+    group = dist.group.WORLD if world > 1 else None
+    local = shard_sizes(HIDDEN, world)[rank]
+    x = torch.randn(3, local, generator=torch.Generator().manual_seed(rank))
+    good = torch.ones(local)
+    calls = {"layer_norm.weight": lambda p: layer_norm(x, p, good, group=group, hidden=HIDDEN),
+             "layer_norm.bias": lambda p: layer_norm(x, good, p, group=group, hidden=HIDDEN),
+             "rms_norm.weight": lambda p: rms_norm(x, p, group=group, hidden=HIDDEN)}
+    shapes = {(1,), (), (local + 1,), (1, local), (HIDDEN,)} - {(local,)}
+    out = {}
+    for name, call in calls.items():
+        assert call(good).shape == x.shape  # the right shape still runs
+        for shape in shapes:
+            try:
+                call(torch.full(shape, 1.5))
+                out[name, shape] = None
+            except (ValueError, RuntimeError) as exc:
+                out[name, shape] = str(exc)
+    return out
+
+
+@pytest.mark.parametrize("world", [1, 3])
+def test_wrong_shape_weight_or_bias_is_refused_as_torch_refuses_it(world):
+    """A weight or bias of any shape but this rank's ``[H_local]`` -- a broadcastable ``[1]`` or 0-d
+    one, the full ``[H]`` on a sharded rank, ``[1, H_local]`` -- is a ValueError naming the
+    function, the argument, the expectation, the shape and the rank (torch's F.layer_norm raises on
+    a ``[1]`` weight; broadcasting it would be a silently wrong answer)."""
+    import re
+
+    from distnorm.comm import shard_sizes
+    from distnorm.testing import simulate
+
+    with pytest.raises(RuntimeError):
+        torch.nn.functional.layer_norm(torch.randn(3, HIDDEN), (HIDDEN,), torch.ones(1))
+    for rank, errors in enumerate(simulate(world, _wrong_parameter_errors, world, timeout=60)):
+        local = shard_sizes(HIDDEN, world)[rank]
+        for (name, shape), msg in errors.items():
+            fn, arg = name.split(".")
+            want = (rf"^{fn}: {arg} must have shape \({local},\) \(.*\), got {re.escape(str(shape))} "
+                    rf"\(rank {rank} of {world}\)$")
+            assert msg is not None and re.search(want, msg), f"{name} of shape {shape}, rank {rank}: {msg}"

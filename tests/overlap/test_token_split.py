@@ -3,6 +3,7 @@ both modes, both gradient conventions; the forward and backward schedules; error
 
 import functools
 import math
+import re
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ import torch.distributed as dist
 from distnorm.comm import PendingCollective, count_collectives, shard_offsets, shard_sizes
 from distnorm.overlap import ParallelMLPBlock, TokenSplitPlan, TokenWeaver, plan_token_split, token_split
 from distnorm.testing import max_abs_error, simulate, spawn
+from tests.compose.harness import CHECKPOINT_MODES, checkpointed
 
 HIDDEN, FFN, LAYERS = 16, 24, 2
 
@@ -34,9 +36,10 @@ def _local(t, mode, group):
     return t.narrow(0, shard_offsets(t.shape[0], world)[rank], shard_sizes(t.shape[0], world)[rank])
 
 
-def _step(blocks, group, plan, mode, normed_grad, x, residual, dy, dres, *, weaver=True):
-    """Forward + backward of the stack -- through TokenWeaver, or (``weaver=False``) the blocks
-    called one after another -- returning outputs, every gradient, and fwd/bwd collective counts.
+def _step(blocks, group, plan, mode, normed_grad, x, residual, dy, dres, *, weaver=True, checkpoint=None):
+    """Forward + backward of the stack -- through TokenWeaver (inside ``torch.utils.checkpoint`` in
+    mode ``checkpoint`` when given), or (``weaver=False``) the blocks called one after another --
+    returning outputs, every gradient, and fwd/bwd collective counts.
 
     The loss is computed identically on every rank; with ``normed_grad="partial"`` each rank hands
     back 1/P of its gradient (their sum is the loss's), with ``"replicated"`` all of it."""
@@ -49,7 +52,8 @@ def _step(blocks, group, plan, mode, normed_grad, x, residual, dy, dres, *, weav
     dy = dy.to(dtype) / (world if normed_grad == "partial" else 1)
     with count_collectives() as fwd:
         if weaver:
-            y, res_out = TokenWeaver(blocks, group, plan, mode=mode, normed_grad=normed_grad)(x, residual)
+            woven = TokenWeaver(blocks, group, plan, mode=mode, normed_grad=normed_grad)
+            y, res_out = (woven if checkpoint is None else checkpointed(woven, checkpoint))(x, residual)
         else:
             y, res_out = x, residual
             for b in blocks:
@@ -170,17 +174,52 @@ def _fallback_rank(rank, mode, normed_grad, plan, *inputs):
 
 @pytest.mark.parametrize("normed_grad", ["replicated", "partial"])
 @pytest.mark.parametrize("mode", ["allreduce", "reduce_scatter"])
-def test_compiled_path_is_the_autograd_of_the_forward(monkeypatch, mode, normed_grad):
-    """Under torch.compile the weaver records nothing and autograd differentiates the forward
-    graph (blocking collectives): the same gradients as the woven backward."""
+def test_unwoven_path_is_the_autograd_of_the_forward(monkeypatch, mode, normed_grad):
+    """Where the weaver cannot weave (torch.compile, saved-tensor hooks: ``can_weave()`` False) it
+    records nothing and autograd differentiates the forward graph (blocking collectives): the same
+    gradients as the woven backward, from the same collectives. (The compiled run itself is
+    tests/compose/test_compile.py's TokenWeaver case.)"""
     plan = TokenSplitPlan(num_tokens=12, first=5)
     woven = simulate(3, _fallback_rank, mode, normed_grad, plan, *_inputs(12), timeout=120)
-    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    monkeypatch.setattr(token_split, "can_weave", lambda: False)
+    monkeypatch.setattr(token_split, "woven", None)  # not called: nothing is recorded
     plain = simulate(3, _fallback_rank, mode, normed_grad, plan, *_inputs(12), timeout=120)
-    for (w, w_fwd, _), (p, p_fwd, _) in zip(woven, plain, strict=True):
-        assert w_fwd == p_fwd
+    for (w, w_fwd, w_bwd), (p, p_fwd, p_bwd) in zip(woven, plain, strict=True):
+        assert (w_fwd, w_bwd) == (p_fwd, p_bwd)
         for name, a, b in zip(NAMES, w, p, strict=True):
             assert max_abs_error(a, b) <= 1e-12 * _scale(b), name
+
+
+def _checkpoint_rank(rank, mode, normed_grad, plan, *inputs):
+    group = dist.group.WORLD
+    blocks = _blocks(group, torch.float64, normed_grad)
+    return {ckpt: _step(blocks, group, plan, mode, normed_grad, *inputs, checkpoint=ckpt)
+            for ckpt in (None, *CHECKPOINT_MODES)}
+
+
+@pytest.mark.parametrize(("mode", "normed_grad"), [("allreduce", "replicated"), ("reduce_scatter", "partial")])
+def test_activation_checkpointing_gives_the_woven_gradients_recomputing_once(mode, normed_grad):
+    """Non-reentrant, reentrant and selective checkpointing around the weaver: the uncheckpointed
+    run's outputs and gradients, and the backward issues the uncheckpointed backward's collectives
+    plus the forward's at most once: one recompute of the region (reentrant: all of it;
+    non-reentrant stops once the last saved tensor is back, before the final all-gather). Recording
+    pieces under the checkpoint's hooks would recompute the stack once per piece, and fail under
+    selective checkpointing ("Trying to backward an extra time")."""
+    plan = TokenSplitPlan(num_tokens=12, first=5)
+    for rank, out in enumerate(simulate(3, _checkpoint_rank, mode, normed_grad, plan, *_inputs(12), timeout=120)):
+        want, fwd, bwd = out[None]
+        for ckpt in CHECKPOINT_MODES:
+            got, got_fwd, got_bwd = out[ckpt]
+            for name, g, w in zip(NAMES, got, want, strict=True):
+                assert max_abs_error(g, w) <= 1e-12 * _scale(w), f"{ckpt} checkpointing, {name}, rank {rank}"
+            recomputed = {k: n for k in {**got_bwd, **bwd} if (n := got_bwd.get(k, 0) - bwd.get(k, 0))}
+            assert got_fwd == fwd, f"{ckpt} checkpointing, rank {rank}"
+            if ckpt == "reentrant":
+                assert recomputed == fwd, f"{ckpt} checkpointing, rank {rank}: {got_bwd} vs {bwd} + {fwd}"
+            else:
+                assert all(fwd.get(k, 0) - 1 <= recomputed.get(k, 0) <= fwd.get(k, 0) for k in {**fwd, **recomputed}), (
+                    f"{ckpt} checkpointing, rank {rank}: backward collectives {got_bwd}, uncheckpointed {bwd}, "
+                    f"forward {fwd}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -378,6 +417,25 @@ def test_bad_weaver_arguments():
         TokenWeaver(blocks, None, normed_grad="partial")
     with pytest.raises(ValueError, match=r"ParallelMLPBlock: normed_grad must be one of .* got 'sum'"):
         ParallelMLPBlock(4, 8, normed_grad="sum")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("shape", [(1,), (), (HIDDEN + 1,), (1, HIDDEN)], ids=str)
+def test_wrong_shape_norm_weight_is_refused_naming_the_block(shape):
+    """A block's norm weight of another shape -- assigned, or through functional_call, with or without
+    grad -- is a ValueError naming it; a [1] or 0-d one would otherwise broadcast silently."""
+    blocks = _blocks(None, torch.float64)
+    x, residual, *_ = _inputs(7)
+    weaver = TokenWeaver(blocks, None, TokenSplitPlan(num_tokens=7, first=3))
+    bad = torch.full(shape, 1.5, dtype=torch.float64)
+    msg = rf"TokenWeaver: blocks\[1\].norm_weight must have shape \(16,\), got {re.escape(str(shape))} \(rank 0 of 1\)"
+    with pytest.raises(ValueError, match=msg):
+        torch.func.functional_call(weaver, {"blocks.1.norm_weight": bad}, (x.requires_grad_(), residual))
+    blocks[1].norm_weight = torch.nn.Parameter(bad)
+    with torch.no_grad(), pytest.raises(ValueError, match=msg):
+        weaver(x, residual)
+    with pytest.raises(TypeError, match=r"blocks\[1\].norm_weight must be floating point, got torch.int64"):
+        torch.func.functional_call(weaver, {"blocks.1.norm_weight": torch.ones(HIDDEN, dtype=torch.long)},
+                                   (x, residual))
 
 
 def test_second_backward_through_the_woven_stack_is_refused():

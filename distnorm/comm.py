@@ -510,10 +510,19 @@ def _(x: torch.Tensor, dim: int, sizes: list[int], group_name: str) -> torch.Ten
 def _register_effects() -> None:
     # Ordered: never dead-code eliminated, merged or reordered by torch.compile, so every rank
     # issues its collectives in program order even where uneven shards give ranks other graphs.
-    from torch._library.effects import EffectType
+    # The registry is private and moved between torch releases: torch.library's (2.13) or the
+    # with_effects HOP's table (earlier releases, e.g. the 2.11 of a GPU image).
+    names = ("all_reduce", "broadcast", "all_gather", "reduce_scatter")
+    try:
+        from torch._library.effects import EffectType
 
-    for name in ("all_reduce", "broadcast", "all_gather", "reduce_scatter"):
-        torch.library._register_effectful_op(f"distnorm::{name}", EffectType.ORDERED)
+        for name in names:
+            torch.library._register_effectful_op(f"distnorm::{name}", EffectType.ORDERED)  # type: ignore[attr-defined]
+    except (ImportError, AttributeError):
+        from torch._higher_order_ops.effects import _EffectType, _register_effectful_op
+
+        for name in names:
+            _register_effectful_op(getattr(torch.ops.distnorm, name).default, _EffectType.ORDERED)
 
 
 _register_effects()

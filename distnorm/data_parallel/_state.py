@@ -36,12 +36,26 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from distnorm.functional._norm_utils import pack_state, rank_of
+from distnorm.functional._norm_utils import commit_, pack_state, rank_of
 
-__all__ = ["GRAD_SKIPS", "SKIPS", "advances", "init_state", "read_state", "recomputing", "skips_of"]
+__all__ = [
+    "GRAD_SKIPS",
+    "SKIPS",
+    "advances",
+    "commit_state",
+    "init_snapshot",
+    "init_state",
+    "read_state",
+    "recomputing",
+    "reset_snapshot",
+    "skips_of",
+    "track_backward",
+]
 
 SKIPS = "num_nonfinite_skips"
 GRAD_SKIPS = "num_nonfinite_grad_skips"  # backward-updated statistics (PowerNorm's, UnifiedNorm's ema_gz)
+SNAPSHOT = "_recompute_snapshot"  # compiled path: the state the last training forward read (+ its ticket)
+BACKWARDS = "_recompute_backwards"  # compiled path: backwards run through this module's compiled forwards
 _STASH = "_distnorm_recompute_stash"
 _STASH_LIMIT = 8  # forwards that were never recomputed (e.g. under CPU offload hooks) age out
 
@@ -60,41 +74,131 @@ def init_state(module: nn.Module, allow_nonfinite_stats: bool, device: torch.dev
         module.register_buffer(name, torch.zeros((), dtype=torch.long, device=device), persistent=False)
 
 
+def init_snapshot(module: nn.Module, names: Sequence[str], device: torch.device | str | None) -> None:
+    """Register the two non-persistent int64 buffers of the compiled recomputation path.
+
+    ``_recompute_snapshot`` ``[numel + 2]``: the float64 bits of :func:`pack_state` of the named
+    buffers as the last compiled training forward read them, then that forward's ticket; ``_recompute_backwards`` ``[]``:
+    how many backwards ran through those forwards. int64, so ``module.half()`` cannot round them.
+    """
+    numel = sum(getattr(module, n).numel() for n in names)
+    module.register_buffer(SNAPSHOT, torch.zeros(numel + 2, dtype=torch.long, device=device), persistent=False)
+    module.register_buffer(BACKWARDS, torch.zeros((), dtype=torch.long, device=device), persistent=False)
+
+
+def reset_snapshot(module: nn.Module) -> None:
+    """Zero the compiled path's snapshot and counters (part of ``reset_running_stats``)."""
+    getattr(module, SNAPSHOT).zero_()
+    getattr(module, BACKWARDS).zero_()
+
+
 def skips_of(module: nn.Module, name: str = SKIPS) -> torch.Tensor | None:
     """The skip counter ``name`` when the non-finite guard is on, else None (updates go through unguarded)."""
     return None if getattr(module, "allow_nonfinite_stats", True) else getattr(module, name)
 
 
 def recomputing() -> bool:
-    """Whether this forward runs inside a backward: activation checkpointing's recomputation.
+    """Whether this eager forward runs inside a backward: activation checkpointing's recomputation.
 
-    Always False under torch.compile, which recomputes from its own graph.
+    Always False while torch.compile traces: a compiled forward learns it at run time
+    (:func:`advances`, :func:`read_state`).
     """
     if torch.compiler.is_compiling():
         return False
+    return _in_backward()
+
+
+def _in_backward() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
-def advances(module: nn.Module) -> bool:
-    """Whether this forward advances ``module``'s state: training, and not a recomputation."""
-    return module.training and not recomputing()
+@torch.library.custom_op("distnorm::first_run", mutates_args=(), tags=(torch.Tag.cudagraph_unsafe,))
+def _first_run(anchor: torch.Tensor) -> torch.Tensor:
+    """``True`` (0-d bool on ``anchor``'s device) unless this runs inside a backward, i.e. is a
+    recomputation. A custom op, so a compiled graph asks at run time; ``anchor`` (any state tensor)
+    keeps it from being constant-folded and gives the device."""
+    return torch.full((), not _in_backward(), dtype=torch.bool, device=anchor.device)
+
+
+@_first_run.register_fake
+def _(anchor: torch.Tensor) -> torch.Tensor:
+    return anchor.new_empty((), dtype=torch.bool)
+
+
+@torch.library.custom_op("distnorm::read_snapshot", mutates_args=(), tags=(torch.Tag.cudagraph_unsafe,))
+def _read_snapshot(state: list[torch.Tensor], snapshot: torch.Tensor, backwards: torch.Tensor,
+                   message: str) -> torch.Tensor:
+    """The state a compiled training forward reads: float64 ``[pack_state(state), ticket, first]``.
+
+    A forward (not inside a backward): :func:`pack_state` of ``state``, ticket = the snapshot's + 1,
+    first = 1 (the caller writes values and ticket into ``snapshot`` and advances the state).
+    A recomputation (inside a backward): the snapshot's values and ticket, first = 0, after a
+    device-side check that the snapshot is the one of the forward being recomputed: exactly one
+    training forward since the last backward (ticket == backwards + 1), else ``message``.
+    """
+    if not _in_backward():
+        ticket = snapshot[-1:].double() + 1
+        return torch.cat([pack_state(state), ticket, ticket.new_ones(1)])
+    torch._assert_async(snapshot[-1] == backwards + 1, message)
+    values = snapshot[:-1].view(torch.float64)
+    return torch.cat([values, snapshot[-1:].double(), values.new_zeros(1)])
+
+
+@_read_snapshot.register_fake
+def _(state: list[torch.Tensor], snapshot: torch.Tensor, backwards: torch.Tensor, message: str) -> torch.Tensor:
+    return snapshot.new_empty(snapshot.numel() + 1, dtype=torch.float64)
+
+
+def advances(module: nn.Module) -> bool | torch.Tensor:
+    """Whether this forward advances ``module``'s state: training, and not a recomputation.
+
+    Eager: a bool. Compiled: a 0-d bool tensor decided at run time (an eager checkpoint around a
+    compiled module re-runs its compiled forward inside the backward).
+    """
+    if not module.training:
+        return False
+    if torch.compiler.is_compiling():
+        return torch.ops.distnorm.first_run(getattr(module, SKIPS))
+    return not recomputing()
 
 
 def _may_be_recomputed() -> bool:
-    # non-reentrant (and selective) checkpoint runs the first forward under its saved-tensor hooks;
-    # reentrant checkpoint runs it without gradients
-    return torch._C._autograd._top_saved_tensors_default_hooks(False) is not None or not torch.is_grad_enabled()
+    """Whether an eager checkpoint may recompute this forward later.
+
+    Non-reentrant (and selective) checkpoint runs the first forward under its saved-tensor hooks;
+    reentrant checkpoint runs it inside an autograd.Function's forward, where forward-mode AD is
+    off as well as gradients (under ``torch.no_grad()`` alone it is on; inference mode is not a
+    checkpoint either).
+    """
+    if torch._C._autograd._top_saved_tensors_default_hooks(False) is not None:
+        return True
+    return not (torch.is_grad_enabled() or torch._C._is_fwd_grad_enabled() or torch.is_inference_mode_enabled())
 
 
-def read_state(module: nn.Module, names: Sequence[str]) -> tuple[torch.Tensor, bool]:
+def _tracks_backward(module: nn.Module, x: torch.Tensor) -> bool:
+    """Whether a backward will run through this forward (compiled path: decided at trace time)."""
+    return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in module.parameters()))
+
+
+def read_state(module: nn.Module, names: Sequence[str], x: torch.Tensor) -> tuple[torch.Tensor, bool | torch.Tensor]:
     """The state ``module``'s training forward reads, as one float64 vector, and whether to advance it.
 
     Returns ``(packed, fresh)``: ``packed`` = :func:`pack_state` of the named buffers as this step's
-    first forward saw them; ``fresh`` is False for a recomputation, which must not advance anything.
+    first forward saw them; ``fresh`` is False for a recomputation, which must not advance anything
+    (a bool eagerly, a 0-d bool tensor under torch.compile). Commit with :func:`commit_state`, and
+    pass the output through :func:`track_backward`.
     """
     buffers = [getattr(module, n) for n in names]
     if torch.compiler.is_compiling():
-        return pack_state(buffers), True
+        if not _tracks_backward(module, x):  # nothing can recompute this forward's graph
+            return pack_state(buffers), torch.ops.distnorm.first_run(buffers[0])
+        snapshot = getattr(module, SNAPSHOT)
+        out = torch.ops.distnorm.read_snapshot(buffers, snapshot, getattr(module, BACKWARDS),
+                                               _stale_snapshot(module))
+        numel = snapshot.numel() - 1
+        with torch.no_grad():
+            snapshot.copy_(torch.cat([out[:numel].view(torch.long), out[numel:numel + 1].long()]))
+        return out[:numel], out[numel + 1] > 0
     stash: list[torch.Tensor] = module.__dict__.setdefault(_STASH, [])
     if recomputing():
         if len(stash) != 1:
@@ -104,9 +208,50 @@ def read_state(module: nn.Module, names: Sequence[str]) -> tuple[torch.Tensor, b
     if _may_be_recomputed():
         stash.append(packed)
         del stash[:-_STASH_LIMIT]
-    else:
+    elif torch.is_grad_enabled():
         stash.clear()  # a plain forward with gradients: nothing earlier will be recomputed now
-    return packed, True
+    return packed, True  # (a forward without gradients leaves pending recomputations alone)
+
+
+def commit_state(targets: Sequence[torch.Tensor], new: Sequence[torch.Tensor], fresh: bool | torch.Tensor,
+                 skips: torch.Tensor | None) -> None:
+    """:func:`commit_` ``new`` into ``targets`` when ``fresh`` (from :func:`read_state` / :func:`advances`)."""
+    if fresh is False:
+        return
+    commit_(targets, new, skips, gate=None if fresh is True else fresh)
+
+
+class _CountBackward(torch.autograd.Function):
+    """Identity (a copy) whose backward counts one backward in ``backwards`` (a ctx attribute)."""
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor, backwards: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.backwards = backwards
+        return y.clone()
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        with torch.no_grad():
+            ctx.backwards.add_(1)
+        return dy, None
+
+
+def track_backward(module: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``y``, counted in ``_recompute_backwards`` when its backward runs (compiled training forwards
+    that read a snapshot, see :func:`read_state`); else ``y`` itself."""
+    if torch.compiler.is_compiling() and module.training and _tracks_backward(module, x):
+        return _CountBackward.apply(y, getattr(module, BACKWARDS))
+    return y
+
+
+def _stale_snapshot(module: nn.Module) -> str:
+    cls = type(module).__name__
+    return (f"{cls}: activation checkpointing recomputes this module's compiled training forward, but another "
+            f"training forward of it ran between that forward and its backward (several forwards before one "
+            f"backward: a pipeline schedule, the module used twice in one checkpointed region; a training-mode "
+            f"forward whose backward never ran; or a reentrant checkpoint around the compiled module), so the "
+            f"state it read is gone and the recomputation would not be exact. Run backward after each forward, "
+            f"keep this module out of the checkpointed region, or use use_reentrant=False (rank {rank_of(None)})")
 
 
 def _ambiguous(module: nn.Module, pending: int) -> str:

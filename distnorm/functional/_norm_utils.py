@@ -95,26 +95,32 @@ def check_params(where: str, group: Group, **params: tuple[torch.Tensor | None, 
                              f"(rank {rank_of(group)})")
 
 
-def commit_(targets: Sequence[torch.Tensor], new: Sequence[torch.Tensor], skips: torch.Tensor | None) -> None:
+def commit_(targets: Sequence[torch.Tensor], new: Sequence[torch.Tensor], skips: torch.Tensor | None,
+            gate: torch.Tensor | None = None) -> None:
     """Write ``new`` into the state tensors ``targets`` in place (no autograd), as one step.
 
     ``skips`` given (the non-finite guard): if every floating target is finite now and the update
     would make one NaN/Inf, nothing changes (every target keeps its value, counters included) and
-    ``skips`` counts one. The decision is a device tensor (``torch.where``): no host sync,
-    traceable; it costs two float64 sums, so it adds a handful of tiny ops per step.
+    ``skips`` counts one. ``gate`` (a 0-d bool tensor) False: nothing changes, nothing is counted
+    (a compiled forward that finds at run time that it is a recomputation). The decisions are
+    device tensors (``torch.where``): no host sync, traceable; the guard costs two float64 sums.
     """
     with torch.no_grad():
-        if skips is None:
+        if skips is None and gate is None:
             for t, v in zip(targets, new, strict=True):
                 t.copy_(v)
             return
-        floats = [i for i, t in enumerate(targets) if t.is_floating_point()]
-        old_total = torch.cat([targets[i].reshape(-1) for i in floats]).sum(dtype=torch.float64)
-        new_total = torch.cat([new[i].reshape(-1).to(targets[i].dtype) for i in floats]).sum(dtype=torch.float64)
-        spoiled = torch.isfinite(old_total) & ~torch.isfinite(new_total)  # a NaN/Inf anywhere makes the sum one
+        keep = None if gate is None else ~gate
+        if skips is not None:
+            floats = [i for i, t in enumerate(targets) if t.is_floating_point()]
+            old_total = torch.cat([targets[i].reshape(-1) for i in floats]).sum(dtype=torch.float64)
+            new_total = torch.cat([new[i].reshape(-1).to(targets[i].dtype) for i in floats]).sum(dtype=torch.float64)
+            spoiled = torch.isfinite(old_total) & ~torch.isfinite(new_total)  # a NaN/Inf anywhere makes the sum one
+            skips.add_((spoiled if gate is None else spoiled & gate).to(skips.dtype))
+            keep = spoiled if keep is None else keep | spoiled
+        assert keep is not None
         for t, v in zip(targets, new, strict=True):
-            t.copy_(torch.where(spoiled, t, v.to(t.dtype)))
-        skips.add_(spoiled.to(skips.dtype))
+            t.copy_(torch.where(keep, t, v.to(t.dtype)))
 
 
 def pack_state(tensors: Sequence[torch.Tensor]) -> torch.Tensor:

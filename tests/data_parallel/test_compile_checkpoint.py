@@ -1,0 +1,144 @@
+"""torch.compile and activation checkpointing together, for every data-parallel norm.
+
+* torch.compile around a checkpointed region (non-reentrant, selective; reentrant, which dynamo
+  traces as non-reentrant): gradients and every buffer bitwise those of the uncheckpointed eager
+  module over 4 training steps (backend ``aot_eager``: AOT autograd's min-cut partitioner, the one
+  inductor uses, with eager kernels), to round-off with inductor, and in 2 real gloo processes.
+* An eager checkpoint around a compiled module (its compiled forward runs again in the backward):
+  exact, non-reentrant and reentrant; reentrant raises for the norms whose output depends on state.
+* A recomputation that cannot be exact (several compiled forwards before one backward, the module
+  twice in one checkpointed region) raises a RuntimeError naming the module and the fix; legitimate
+  patterns (plain compile with several forwards, training forwards without gradients in between)
+  do not.
+
+Mechanism (distnorm/data_parallel/_state.py): the compiled forward reads its state through the
+custom op ``distnorm::read_snapshot``, which returns, when it runs inside a backward (the
+partitioner's recomputation, or the eager checkpoint's), the snapshot the forward wrote instead of
+the already-advanced buffers; updates are gated by ``distnorm::first_run``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from distnorm.testing import spawn
+from tests.data_parallel._compose import (
+    NORMS,
+    STATE_DEPENDENT,
+    batches,
+    build,
+    max_diff,
+    region,
+    state_buffers,
+    train,
+    world_group,
+)
+
+NAMES = sorted(NORMS)
+STALE = r"{name}: activation checkpointing recomputes this module's compiled training forward, but another .*rank 0"
+
+
+def _compiled_region(module, kind, backend="aot_eager"):
+    """torch.compile(fullgraph) of a function that checkpoints ``module`` (``kind``)."""
+    torch._dynamo.reset()
+    return torch.compile(region(module, kind), fullgraph=True, backend=backend)
+
+
+def _checkpointed_compiled(module, kind, backend="aot_eager"):
+    """An eager checkpoint (``kind``) around the compiled module."""
+    torch._dynamo.reset()
+    return region(module, kind, call=torch.compile(module, fullgraph=True, backend=backend))
+
+
+def _vs_uncheckpointed(name, make, rank=0, world=1):
+    """max |run - uncheckpointed eager run| over everything :func:`train` records, ``make(module)`` the run."""
+    steps = batches(name, world)
+    plain = build(name, world_group(world))
+    ref = train(plain, region(plain, "none"), steps, rank, world)
+    module = build(name, world_group(world))
+    return max_diff(train(module, make(module), steps, rank, world), ref)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_compile_around_checkpoint_is_exact(name):
+    # selective checkpointing changes which values the partitioner saves: the state-reading norms' concern
+    kinds = ["nonreentrant"] + (["selective"] if name in STATE_DEPENDENT else []) + (["reentrant"] if name == "PowerNorm" else [])
+    got = {kind: _vs_uncheckpointed(name, lambda m, kind=kind: _compiled_region(m, kind)) for kind in kinds}
+    assert got == dict.fromkeys(kinds, 0.0)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_eager_checkpoint_around_a_compiled_module(name):
+    assert _vs_uncheckpointed(name, lambda m: _checkpointed_compiled(m, "nonreentrant")) == 0.0
+    if name not in STATE_DEPENDENT:  # a recomputation only has to advance nothing: exact
+        assert _vs_uncheckpointed(name, lambda m: _checkpointed_compiled(m, "reentrant")) == 0.0
+        return
+    # reentrant checkpoint runs the first forward without gradients: that compiled graph cannot know
+    # a recomputation will follow, so it leaves no snapshot, and the recomputation says so
+    with pytest.raises(RuntimeError, match=STALE.format(name=name) + "|use use_reentrant=False"):
+        _vs_uncheckpointed(name, lambda m: _checkpointed_compiled(m, "reentrant"))
+
+
+def test_compile_around_checkpoint_with_inductor():
+    # the same partitioner and custom ops through inductor's codegen: round-off of values of size ~10
+    with torch._inductor.config.patch(compile_threads=1):
+        diff = _vs_uncheckpointed("PowerNorm", lambda m: _compiled_region(m, "nonreentrant", "inductor"))
+    assert diff < 1e-4
+
+
+def _twice_in_one_region(module, backend="aot_eager"):
+    """torch.compile of a checkpointed region that calls ``module`` twice."""
+    torch._dynamo.reset()
+    return torch.compile(region(module, "nonreentrant", call=lambda t: module(module(t))), fullgraph=True,
+                         backend=backend)
+
+
+PENDING = {  # ways to have two training forwards of one module await one backward
+    "two compiled checkpointed forwards": lambda m: _compiled_region(m, "nonreentrant"),
+    "twice in one compiled checkpointed region": _twice_in_one_region,
+    "eager checkpoint around the compiled module, twice": lambda m: _checkpointed_compiled(m, "nonreentrant"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PENDING))
+@pytest.mark.parametrize("name", sorted(STATE_DEPENDENT))
+def test_compiled_recomputation_that_cannot_be_exact_raises(name, case):
+    module = build(name)
+    run = PENDING[case](module)
+    (x1, _), (x2, _) = batches(name, steps=2)
+    loss = run(x1.clone().requires_grad_()).sum() + run(x2.clone().requires_grad_()).sum()
+    with pytest.raises(RuntimeError, match=STALE.format(name=name)):
+        loss.backward()  # the recomputation of the first forward would read the second one's state
+
+
+@pytest.mark.parametrize("name", ["PowerNorm", "ProgressiveRepBN"])
+def test_compiled_checkpoint_tolerates_forwards_no_recomputation_needs(name):
+    # training-mode forwards without gradients between steps (a look at the outputs, say) advance the
+    # state but are never recomputed: no error, and compiled == eager
+    def run(make):
+        module = build(name)
+        fn = make(module)
+        out = []
+        for i, (x, dy) in enumerate(batches(name, steps=3)):
+            if i == 1:
+                with torch.no_grad():
+                    out.append(fn(x))
+            x = x.clone().requires_grad_()
+            fn(x).mul(dy).sum().backward()
+            out.append(x.grad)
+        return out + [b.clone() for _, b in state_buffers(module)]
+
+    assert max_diff(run(lambda m: region(m, "nonreentrant")), run(lambda m: _compiled_region(m, "nonreentrant"))) == 0.0
+
+
+def _compiled_checkpoint_world(rank, world, names):
+    return {name: _vs_uncheckpointed(name, lambda m: _compiled_region(m, "nonreentrant"), rank, world)
+            for name in names}
+
+
+def test_compile_around_checkpoint_in_real_processes():
+    # the checkpointed region's forward all-reduce runs again in the compiled backward's recomputation
+    names = [*sorted(STATE_DEPENDENT), "SyncBatchNorm"]
+    for per_rank in spawn(2, _compiled_checkpoint_world, 2, names, timeout=600):
+        assert per_rank == dict.fromkeys(names, 0.0)

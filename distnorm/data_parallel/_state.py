@@ -36,7 +36,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from distnorm.functional._norm_utils import commit_, pack_state, rank_of
+from distnorm.functional._norm_utils import commit_, inside_backward, pack_state, rank_of
 
 __all__ = [
     "GRAD_SKIPS",
@@ -105,11 +105,7 @@ def recomputing() -> bool:
     """
     if torch.compiler.is_compiling():
         return False
-    return _in_backward()
-
-
-def _in_backward() -> bool:
-    return torch._C._current_graph_task_id() != -1
+    return inside_backward()
 
 
 @torch.library.custom_op("distnorm::first_run", mutates_args=(), tags=(torch.Tag.cudagraph_unsafe,))
@@ -117,7 +113,7 @@ def _first_run(anchor: torch.Tensor) -> torch.Tensor:
     """``True`` (0-d bool on ``anchor``'s device) unless this runs inside a backward, i.e. is a
     recomputation. A custom op, so a compiled graph asks at run time; ``anchor`` (any state tensor)
     keeps it from being constant-folded and gives the device."""
-    return torch.full((), not _in_backward(), dtype=torch.bool, device=anchor.device)
+    return torch.full((), not inside_backward(), dtype=torch.bool, device=anchor.device)
 
 
 @_first_run.register_fake
@@ -136,7 +132,7 @@ def _read_snapshot(state: list[torch.Tensor], snapshot: torch.Tensor, backwards:
     device-side check that the snapshot is the one of the forward being recomputed: exactly one
     training forward since the last backward (ticket == backwards + 1), else ``message``.
     """
-    if not _in_backward():
+    if not inside_backward():
         ticket = snapshot[-1:].double() + 1
         return torch.cat([pack_state(state), ticket, ticket.new_ones(1)])
     torch._assert_async(snapshot[-1] == backwards + 1, message)

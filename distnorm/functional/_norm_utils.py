@@ -135,6 +135,40 @@ def pack_state(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.cat([*parts, parts[0].new_zeros(1)])
 
 
+def inside_backward() -> bool:
+    """Whether this runs inside a backward (activation checkpointing's recomputation runs there)."""
+    return torch._C._current_graph_task_id() != -1
+
+
+@torch.library.custom_op("distnorm::read_state_once", mutates_args=(), tags=(torch.Tag.cudagraph_unsafe,))
+def _read_state_once(state: list[torch.Tensor], message: str) -> torch.Tensor:
+    if inside_backward():
+        raise RuntimeError(message)
+    return pack_state(state)
+
+
+@_read_state_once.register_fake
+def _(state: list[torch.Tensor], message: str) -> torch.Tensor:
+    return state[0].new_empty(sum(t.numel() for t in state) + 1, dtype=torch.float64)
+
+
+def read_state_once(state: Sequence[torch.Tensor], where: str) -> torch.Tensor:
+    """:func:`pack_state` for a functional op that advances ``state`` in place: a RuntimeError when
+    it runs inside a backward, where a recomputation (activation checkpointing) would read the
+    state already advanced. Compiled, a custom op asks at run time (the partitioner's
+    recomputation of a checkpointed region, or under an activation memory budget, runs it there).
+    """
+    message = (f"{where}: activation checkpointing recomputes this functional call, which reads and advances the "
+               f"state tensors it is given, so the recomputation would read them already advanced and not be "
+               f"exact. Use the module (it keeps the state its forward read) or keep the call out of the "
+               f"checkpointed region (rank {rank_of(None)})")
+    if torch.compiler.is_compiling():
+        return torch.ops.distnorm.read_state_once(list(state), message)
+    if inside_backward():
+        raise RuntimeError(message)
+    return pack_state(state)
+
+
 def unpack_state(packed: torch.Tensor, like: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """Inverse of :func:`pack_state` (trailing elements ignored): float64 views shaped like ``like``."""
     sizes = [t.numel() for t in like]

@@ -21,7 +21,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
+from torch._functorch import config as functorch_config
 
+from distnorm.functional.batch_channel_norm import batch_channel_norm
+from distnorm.functional.power_norm import power_norm
+from distnorm.functional.unified_norm import unified_norm
 from distnorm.testing import spawn
 from tests.data_parallel._compose import (
     NORMS,
@@ -87,6 +92,14 @@ def test_compile_around_checkpoint_with_inductor():
     assert diff < 1e-4
 
 
+@pytest.mark.parametrize("name", sorted(STATE_DEPENDENT))
+def test_compile_under_an_activation_memory_budget_is_exact(name):
+    # torch's activation memory budget lets the partitioner recompute any op, outside checkpointed
+    # regions too (budget 0: everything but the inputs); the state read included
+    with functorch_config.patch(activation_memory_budget=0.0):
+        assert _vs_uncheckpointed(name, lambda m: _compiled_region(m, "none")) == 0.0
+
+
 def _twice_in_one_region(module, backend="aot_eager"):
     """torch.compile of a checkpointed region that calls ``module`` twice."""
     torch._dynamo.reset()
@@ -142,3 +155,35 @@ def test_compile_around_checkpoint_in_real_processes():
     names = [*sorted(STATE_DEPENDENT), "SyncBatchNorm"]
     for per_rank in spawn(2, _compiled_checkpoint_world, 2, names, timeout=600):
         assert per_rank == dict.fromkeys(names, 0.0)
+
+
+def _functional(name):
+    """A training call of the functional op ``name`` on fresh state tensors: ``f(x) -> y``."""
+    c = 8
+    w, b = torch.ones(c, requires_grad=True), torch.zeros(c, requires_grad=True)
+    if name == "power_norm":
+        state = (torch.ones(c), torch.zeros(c), torch.zeros((), dtype=torch.long))
+        return lambda x: power_norm(x, w, b, *state, training=True, warmup_iters=0)
+    if name == "unified_norm":
+        state = (torch.ones(c), torch.zeros(c), torch.zeros((), dtype=torch.long), torch.zeros(2, c),
+                 torch.zeros(2, c), torch.zeros((), dtype=torch.long))
+        return lambda x: unified_norm(x, w, b, state, training=True, window_size=2, warmup_iters=0)
+    state = (torch.zeros(c), torch.ones(c), torch.zeros((), dtype=torch.long))
+    return lambda x: batch_channel_norm(x, w, b, w, b, *state, num_groups=2, training=True, channel_dim=-1)
+
+
+@pytest.mark.parametrize("name", ["batch_channel_norm", "power_norm", "unified_norm"])
+def test_functional_state_ops_refuse_a_recomputation(name):
+    # the functional forms advance the state tensors they are given in place and keep no snapshot:
+    # a recomputation would read them advanced (eager checkpoint: input gradient off by 2.9 for
+    # power_norm), so it raises, eager and compiled; a compiled call without checkpoint is fine
+    x = torch.randn(4, 5, 8) * 2 + 1
+    match = rf"{name}: activation checkpointing recomputes this functional call, .*Use the module .*rank 0"
+    with pytest.raises(RuntimeError, match=match):
+        region(nn.Identity(), "nonreentrant", call=_functional(name))(x.clone().requires_grad_()).sum().backward()
+    torch._dynamo.reset()
+    with pytest.raises(RuntimeError, match=match):
+        torch.compile(region(nn.Identity(), "nonreentrant", call=_functional(name)), fullgraph=True,
+                      backend="aot_eager")(x.clone().requires_grad_()).sum().backward()
+    torch._dynamo.reset()
+    torch.compile(_functional(name), fullgraph=True, backend="aot_eager")(x.clone().requires_grad_()).sum().backward()

@@ -1,32 +1,51 @@
 """Training state that advances exactly once per step: under activation checkpointing, torch.compile
-and non-finite batches.
+(and both together) and non-finite batches.
 
 Running statistics, step counters and windows advance in the training forward, as in
-``nn.BatchNorm``. Three things can make that go wrong, and this module is the one place that
-handles them for every norm of :mod:`distnorm.data_parallel`:
+``nn.BatchNorm``. A checkpoint's recomputation runs the forward again, inside the backward: it
+must neither advance the state a second time (``nn.BatchNorm`` does) nor read the state the first
+forward already advanced (PowerNorm, UnifiedNorm, ProgressiveRepBN and BatchChannelNorm read it).
+This module is the one place that handles it for every norm of :mod:`distnorm.data_parallel`:
 
-* **Activation checkpointing** recomputes the forward inside the backward. A recomputation must
-  neither advance the state a second time (``nn.BatchNorm`` does) nor read the state the first
-  forward already advanced (PowerNorm, UnifiedNorm, ProgressiveRepBN and BatchChannelNorm read it).
-  A forward that runs inside a backward (``torch._C._current_graph_task_id() != -1``: checkpoint's
-  recomputation, reentrant or not, selective or not) is a recomputation: it advances nothing, and a
-  norm whose output depends on its state uses the values its first forward read. Those were
-  stashed by the first forward when it could be recomputed later (it ran under saved-tensor
-  hooks — non-reentrant/selective checkpoint — or without gradients — reentrant checkpoint). If
-  a recomputation finds no stashed state or more than one (several forwards of the module await
-  their backward: pipeline schedules, a module used twice in one checkpointed region) it raises a
-  RuntimeError: an exact answer is impossible, a wrong one is never given.
-* **torch.compile** traces the forward once (the stash is not used there). In-place buffer updates
-  compile as input mutations; every state value the backward needs is read through one
-  ``torch.cat`` (:func:`~distnorm.functional._norm_utils.pack_state`), which the partitioner never
-  recomputes, so the compiled backward does not see the updated buffers. Checkpointing inside a
-  compiled region is recomputed by the compiler from the same graph: exact too. (An eager
-  checkpoint around an already compiled norm re-runs the compiled forward: keep torch.compile
-  outside the checkpoint.)
+* **Eager checkpointing** (non-reentrant, reentrant, selective). A forward that runs inside a
+  backward (``torch._C._current_graph_task_id() != -1``) is a recomputation: it advances nothing,
+  and a norm whose output depends on its state uses the values its first forward read, stashed by
+  that forward when it could be recomputed later (it ran under saved-tensor hooks — non-reentrant
+  or selective checkpoint — or inside an autograd.Function's forward, gradients and forward-mode
+  AD off — reentrant checkpoint; a forward under ``torch.no_grad()`` or inference mode is neither
+  and leaves pending stashes alone). If a recomputation finds no stashed state or more than one
+  (several forwards of the module await their backward: pipeline schedules, a module used twice
+  in one checkpointed region) it raises a RuntimeError: an exact answer is impossible, a wrong
+  one is never given.
+* **torch.compile** traces the forward once, so the compiled graph learns at run time whether it
+  is a recomputation, from two custom ops that ask the autograd engine when they run
+  (:func:`~distnorm.functional._norm_utils.inside_backward`). ``distnorm::first_run`` gates every
+  in-place update: an eager checkpoint around a compiled module re-runs the compiled forward in
+  the backward, which then advances nothing. A training forward that will have a backward reads
+  its state through ``distnorm::read_snapshot``: in a forward it returns the buffers' values and
+  a ticket, which the forward also writes into the int64 buffer ``_recompute_snapshot``; inside a
+  backward it returns that snapshot instead. That is where the min-cut partitioner recomputes
+  every op of a checkpointed region (and any op under an activation memory budget), after the
+  forward has advanced the buffers: so torch.compile around ``checkpoint`` (non-reentrant,
+  selective; dynamo traces reentrant as non-reentrant), an eager non-reentrant checkpoint around a
+  compiled module, and a memory budget are exact. A snapshot holds only the last forward's state:
+  the recomputation checks on the device (``torch._assert_async``, no host sync) that exactly one
+  training forward ran since the last backward through this module (``_recompute_backwards``,
+  counted by :func:`track_backward`'s backward), and otherwise fails with a message naming the
+  module, the causes (several forwards before one backward; a training-mode forward with
+  gradients whose backward never ran; a reentrant checkpoint around the compiled module, whose
+  first forward runs without gradients and writes no snapshot) and the fixes. Without a
+  recomputation nothing is checked: several compiled forwards before one backward are fine. (On
+  CUDA a failed check is a device-side assert, which ends the process's CUDA context.) No state
+  value the backward needs is read from a buffer after the forward updated it
+  (pytorch/pytorch#197039).
 * **Non-finite batches**: the update goes through :func:`~distnorm.functional._norm_utils.commit_`,
   which keeps every buffer as it was when a finite one would turn NaN/Inf and counts the skip in
   ``num_nonfinite_skips`` (non-persistent, so state dicts keep torch's keys), unless
   ``allow_nonfinite_stats=True``. No host sync.
+
+The snapshot buffers are non-persistent (not in state dicts) and int64 (``module.half()`` cannot
+round them); ``reset_running_stats()`` zeroes them.
 """
 
 from __future__ import annotations
@@ -253,12 +272,12 @@ def _stale_snapshot(module: nn.Module) -> str:
 def _ambiguous(module: nn.Module, pending: int) -> str:
     cls = type(module).__name__
     if pending == 0:
-        why = ("its first forward recorded no state to recompute from (it ran with gradients and outside "
-               "torch.utils.checkpoint, or under torch.compile inside an eager checkpoint)")
+        why = ("no state of its first forward is stashed (a later training forward of it with gradients ran outside "
+               "torch.utils.checkpoint before this backward)")
     else:
         why = (f"{pending} forwards of it await their backward (several forwards before one backward, the module "
                f"used twice in one checkpointed region, or training-mode forwards without backward), so the "
                f"state the recomputed one read cannot be told apart")
     return (f"{cls}: activation checkpointing recomputes this module's training forward, but {why}; the "
-            f"recomputation would not be exact. Run backward after each forward, keep this module out of the "
-            f"checkpointed region, or compile the checkpointed model with torch.compile (rank {rank_of(None)})")
+            f"recomputation would not be exact. Run backward after each forward, or keep this module out of the "
+            f"checkpointed region (rank {rank_of(None)})")

@@ -126,10 +126,12 @@ def commit_(targets: Sequence[torch.Tensor], new: Sequence[torch.Tensor], skips:
 def pack_state(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """The values of ``tensors`` (running statistics, counters) as one float64 vector (plus one 0).
 
-    A ``torch.cat``: the AOT min-cut partitioner never recomputes a cat in the backward, so a
-    compiled backward sees the values the forward read, not the buffers the forward then updated
-    in place (torch recomputes reads of mutated buffers otherwise: pytorch/pytorch#197039). The
-    trailing 0 keeps the cat a cat: a single-input cat is simplified to a (recomputable) copy.
+    The one layout in which a norm's step function receives its state (the trailing 0 included:
+    :func:`~distnorm.functional.unified_norm.unified_norm_step` indexes from the end). Eagerly, and
+    compiled without gradients, the state is read this way; a compiled training forward with
+    gradients reads it through ``distnorm::read_snapshot``
+    (:mod:`distnorm.data_parallel._state`), because the AOT partitioner may recompute the read in
+    the backward after the forward updated the buffers (pytorch/pytorch#197039).
     """
     parts = [t.detach().reshape(-1).double() for t in tensors]
     return torch.cat([*parts, parts[0].new_zeros(1)])

@@ -122,6 +122,17 @@ def test_checkpoint_recompute_that_cannot_be_exact_raises(name, reentrant):
         loss.backward()  # which of the two states did the recomputed forward read? no way to tell
 
 
+@pytest.mark.parametrize("name", sorted(STATE_DEPENDENT))
+def test_checkpoint_recompute_whose_stash_a_plain_forward_dropped_raises(name):
+    module = build(name)
+    x1, x2 = (t.requires_grad_() for t, _ in batches(name, steps=2))
+    loss = checkpoint(module, x1, use_reentrant=False).sum()
+    module(x2)  # a training forward with gradients outside any checkpoint: no earlier stash is kept
+    with pytest.raises(RuntimeError, match=rf"{name}: activation checkpointing recomputes .* no state of its first "
+                                           r"forward is stashed .*rank 0"):
+        loss.backward()
+
+
 @pytest.mark.parametrize("name", sorted(set(NORMS) - STATE_DEPENDENT))
 def test_checkpoint_two_forwards_before_backward_when_the_output_ignores_the_state(name):
     steps = batches(name, steps=2)

@@ -23,8 +23,8 @@ This module is the one place that handles it for every norm of :mod:`distnorm.da
   in-place update: an eager checkpoint around a compiled module re-runs the compiled forward in
   the backward, which then advances nothing. A training forward that will have a backward reads
   its state through ``distnorm::read_snapshot``: in a forward it returns the buffers' values and
-  a ticket, which the forward also writes into the int64 buffer ``_recompute_snapshot``; inside a
-  backward it returns that snapshot instead. That is where the min-cut partitioner recomputes
+  a ticket, which the forward also writes into ``_recompute_snapshot`` / ``_recompute_counters``
+  (:func:`init_snapshot`); inside a backward it returns that snapshot instead. That is where the min-cut partitioner recomputes
   every op of a checkpointed region (and any op under an activation memory budget), after the
   forward has advanced the buffers: so torch.compile around ``checkpoint`` (non-reentrant,
   selective; dynamo traces reentrant as non-reentrant), an eager non-reentrant checkpoint around a
@@ -44,12 +44,14 @@ This module is the one place that handles it for every norm of :mod:`distnorm.da
   ``num_nonfinite_skips`` (non-persistent, so state dicts keep torch's keys), unless
   ``allow_nonfinite_stats=True``. No host sync.
 
-The snapshot buffers are non-persistent (not in state dicts) and int64 (``module.half()`` cannot
-round them); ``reset_running_stats()`` zeroes them.
+The snapshot buffers are non-persistent (not in state dicts), eager forwards keep them as compiled
+ones do (eager and compiled modules hold the same buffers), and ``reset_running_stats()`` zeroes
+them.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -73,8 +75,9 @@ __all__ = [
 
 SKIPS = "num_nonfinite_skips"
 GRAD_SKIPS = "num_nonfinite_grad_skips"  # backward-updated statistics (PowerNorm's, UnifiedNorm's ema_gz)
-SNAPSHOT = "_recompute_snapshot"  # compiled path: the state the last training forward read (+ its ticket)
-BACKWARDS = "_recompute_backwards"  # compiled path: backwards run through this module's compiled forwards
+SNAPSHOT = "_recompute_snapshot"  # floating state the last training forward read
+COUNTERS = "_recompute_counters"  # its integer state, then its ticket (training forwards so far)
+BACKWARDS = "_recompute_backwards"  # backwards run through those forwards
 _STASH = "_distnorm_recompute_stash"
 _STASH_LIMIT = 8  # forwards that were never recomputed (e.g. under CPU offload hooks) age out
 
@@ -94,21 +97,28 @@ def init_state(module: nn.Module, allow_nonfinite_stats: bool, device: torch.dev
 
 
 def init_snapshot(module: nn.Module, names: Sequence[str], device: torch.device | str | None) -> None:
-    """Register the two non-persistent int64 buffers of the compiled recomputation path.
+    """Register the non-persistent buffers of the snapshot the named state is recomputed from.
 
-    ``_recompute_snapshot`` ``[numel + 2]``: the float64 bits of :func:`pack_state` of the named
-    buffers as the last compiled training forward read them, then that forward's ticket; ``_recompute_backwards`` ``[]``:
-    how many backwards ran through those forwards. int64, so ``module.half()`` cannot round them.
+    ``_recompute_snapshot`` (float64 ``[floating numel]``) and ``_recompute_counters`` (int64
+    ``[integer numel + 1]``): the named buffers as the last training forward that may have a
+    backward read them, then a ticket (how many such forwards ran); ``_recompute_backwards``
+    (int64 ``[]``): how many backwards ran through them. Integers apart, so ``module.half()``
+    cannot round a step counter (floating state is then half precision itself). Eager forwards
+    keep them as compiled ones do (only compiled recomputations read them), so eager and compiled
+    modules hold the same buffers.
     """
-    numel = sum(getattr(module, n).numel() for n in names)
-    module.register_buffer(SNAPSHOT, torch.zeros(numel + 2, dtype=torch.long, device=device), persistent=False)
+    state = [getattr(module, n) for n in names]
+    floating = sum(t.numel() for t in state if t.is_floating_point())
+    integer = sum(t.numel() for t in state if not t.is_floating_point())
+    module.register_buffer(SNAPSHOT, torch.zeros(floating, dtype=torch.float64, device=device), persistent=False)
+    module.register_buffer(COUNTERS, torch.zeros(integer + 1, dtype=torch.long, device=device), persistent=False)
     module.register_buffer(BACKWARDS, torch.zeros((), dtype=torch.long, device=device), persistent=False)
 
 
 def reset_snapshot(module: nn.Module) -> None:
-    """Zero the compiled path's snapshot and counters (part of ``reset_running_stats``)."""
-    getattr(module, SNAPSHOT).zero_()
-    getattr(module, BACKWARDS).zero_()
+    """Zero the snapshot and its counters (part of ``reset_running_stats``)."""
+    for name in (SNAPSHOT, COUNTERS, BACKWARDS):
+        getattr(module, name).zero_()
 
 
 def skips_of(module: nn.Module, name: str = SKIPS) -> torch.Tensor | None:
@@ -141,27 +151,48 @@ def _(anchor: torch.Tensor) -> torch.Tensor:
 
 
 @torch.library.custom_op("distnorm::read_snapshot", mutates_args=(), tags=(torch.Tag.cudagraph_unsafe,))
-def _read_snapshot(state: list[torch.Tensor], snapshot: torch.Tensor, backwards: torch.Tensor,
+def _read_snapshot(state: list[torch.Tensor], snapshot: torch.Tensor, counters: torch.Tensor, backwards: torch.Tensor,
                    message: str) -> torch.Tensor:
     """The state a compiled training forward reads: float64 ``[pack_state(state), ticket, first]``.
 
-    A forward (not inside a backward): :func:`pack_state` of ``state``, ticket = the snapshot's + 1,
-    first = 1 (the caller writes values and ticket into ``snapshot`` and advances the state).
-    A recomputation (inside a backward): the snapshot's values and ticket, first = 0, after a
-    device-side check that the snapshot is the one of the forward being recomputed: exactly one
-    training forward since the last backward (ticket == backwards + 1), else ``message``.
+    A forward (not inside a backward): :func:`pack_state` of ``state``, ticket = the last one + 1,
+    first = 1 (the caller writes them into ``snapshot``/``counters`` and advances the state). A
+    recomputation (inside a backward): the snapshot in the same layout, its ticket, first = 0,
+    after a device-side check that the snapshot is the one of the forward being recomputed:
+    exactly one training forward since the last backward (ticket == backwards + 1), else
+    ``message``.
     """
     if not inside_backward():
-        ticket = snapshot[-1:].double() + 1
+        ticket = counters[-1:].double() + 1
         return torch.cat([pack_state(state), ticket, ticket.new_ones(1)])
-    torch._assert_async(snapshot[-1] == backwards + 1, message)
-    values = snapshot[:-1].view(torch.float64)
-    return torch.cat([values, snapshot[-1:].double(), values.new_zeros(1)])
+    torch._assert_async(counters[-1] == backwards + 1, message)
+    floating, integer = iter(snapshot.double().split(_sizes(state, True))), iter(counters.double().split(_sizes(state, False)))
+    parts = [next(floating) if t.is_floating_point() else next(integer) for t in state]
+    return torch.cat([*parts, parts[0].new_zeros(1), counters[-1:].double(), parts[0].new_zeros(1)])
 
 
 @_read_snapshot.register_fake
-def _(state: list[torch.Tensor], snapshot: torch.Tensor, backwards: torch.Tensor, message: str) -> torch.Tensor:
-    return snapshot.new_empty(snapshot.numel() + 1, dtype=torch.float64)
+def _(state: list[torch.Tensor], snapshot: torch.Tensor, counters: torch.Tensor, backwards: torch.Tensor,
+      message: str) -> torch.Tensor:
+    return snapshot.new_empty(snapshot.numel() + counters.numel() + 2, dtype=torch.float64)
+
+
+def _sizes(state: Sequence[torch.Tensor], floating: bool) -> list[int]:
+    """numel of each floating (or integer) tensor of ``state``, in order; the counters' ticket last."""
+    sizes = [t.numel() for t in state if t.is_floating_point() == floating]
+    return sizes if floating else [*sizes, 1]
+
+
+def _write_snapshot(module: nn.Module, state: Sequence[torch.Tensor], packed: torch.Tensor,
+                    ticket: torch.Tensor) -> None:
+    """Store ``packed`` (:func:`pack_state` of ``state``) and ``ticket`` ``[1]`` in the snapshot buffers."""
+    parts = packed.split([*(t.numel() for t in state), packed.numel() - sum(t.numel() for t in state)])
+    floating = [p for p, t in zip(parts, state, strict=False) if t.is_floating_point()]
+    integer = [p for p, t in zip(parts, state, strict=False) if not t.is_floating_point()]
+    with torch.no_grad():
+        if floating:
+            getattr(module, SNAPSHOT).copy_(torch.cat(floating))
+        getattr(module, COUNTERS).copy_(torch.cat([*integer, ticket.to(packed.dtype)]))
 
 
 def advances(module: nn.Module) -> bool | torch.Tensor:
@@ -207,25 +238,27 @@ def read_state(module: nn.Module, names: Sequence[str], x: torch.Tensor) -> tupl
     if torch.compiler.is_compiling():
         if not _tracks_backward(module, x):  # nothing can recompute this forward's graph
             return pack_state(buffers), torch.ops.distnorm.first_run(buffers[0])
-        snapshot = getattr(module, SNAPSHOT)
-        out = torch.ops.distnorm.read_snapshot(buffers, snapshot, getattr(module, BACKWARDS),
-                                               _stale_snapshot(module))
-        numel = snapshot.numel() - 1
-        with torch.no_grad():
-            snapshot.copy_(torch.cat([out[:numel].view(torch.long), out[numel:numel + 1].long()]))
-        return out[:numel], out[numel + 1] > 0
+        out = torch.ops.distnorm.read_snapshot(buffers, getattr(module, SNAPSHOT), getattr(module, COUNTERS),
+                                               getattr(module, BACKWARDS), _stale_snapshot(module))
+        packed = out[:-2]
+        _write_snapshot(module, buffers, packed, out[-2:-1])  # a recomputation writes back what it read
+        return packed, out[-1] > 0
     stash: list[torch.Tensor] = module.__dict__.setdefault(_STASH, [])
     if recomputing():
         if len(stash) != 1:
             raise RuntimeError(_ambiguous(module, len(stash)))
         return stash.pop(), False
     packed = pack_state(buffers)
-    if _may_be_recomputed():
+    may_be_recomputed = _may_be_recomputed()
+    if may_be_recomputed:
         stash.append(packed)
         del stash[:-_STASH_LIMIT]
     elif torch.is_grad_enabled():
         stash.clear()  # a plain forward with gradients: nothing earlier will be recomputed now
-    return packed, True  # (a forward without gradients leaves pending recomputations alone)
+    # (a forward without gradients leaves pending recomputations alone)
+    if may_be_recomputed or _tracks_backward(module, x):  # the snapshot buffers as compiled code keeps them
+        _write_snapshot(module, buffers, packed, getattr(module, COUNTERS)[-1:] + 1)
+    return packed, True
 
 
 def commit_state(targets: Sequence[torch.Tensor], new: Sequence[torch.Tensor], fresh: bool | torch.Tensor,
@@ -252,11 +285,27 @@ class _CountBackward(torch.autograd.Function):
 
 
 def track_backward(module: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """``y``, counted in ``_recompute_backwards`` when its backward runs (compiled training forwards
-    that read a snapshot, see :func:`read_state`); else ``y`` itself."""
-    if torch.compiler.is_compiling() and module.training and _tracks_backward(module, x):
-        return _CountBackward.apply(y, getattr(module, BACKWARDS))
+    """``y``, whose backward counts one in ``_recompute_backwards`` (training forwards that read a
+    snapshot, see :func:`read_state`).
+
+    Compiled: through an autograd.Function (a copy, which inductor fuses away). Eager: a hook on
+    ``y`` (on a recomputed ``y`` too: reentrant checkpoint backpropagates through that one; the
+    non-reentrant recomputation's graph is never backpropagated), so the counters match the
+    compiled ones and eager and compiled modules hold the same buffers.
+    """
+    if not module.training:
+        return y
+    backwards = getattr(module, BACKWARDS)
+    if torch.compiler.is_compiling():
+        return _CountBackward.apply(y, backwards) if _tracks_backward(module, x) else y
+    if y.requires_grad:
+        y.register_hook(functools.partial(_count_backward, backwards))
     return y
+
+
+def _count_backward(backwards: torch.Tensor, grad: torch.Tensor) -> None:
+    with torch.no_grad():
+        backwards.add_(1)
 
 
 def _stale_snapshot(module: nn.Module) -> str:

@@ -83,16 +83,11 @@ def train(module: nn.Module, run: Callable[[torch.Tensor], torch.Tensor], steps:
         y.backward(split_for_world(dy_full, world)[rank])
         record += [y.detach(), x.grad]
     record += [p.grad for _, p in sorted(module.named_parameters())]
-    record += [b.clone() for _, b in state_buffers(module)]
+    record += [b.clone() for _, b in sorted(module.named_buffers())]
     module.eval()
     with torch.no_grad():
         record.append(run(split_for_world(steps[0][0], world)[rank]))
     return record
-
-
-def state_buffers(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
-    """Every buffer but the compiled recomputation path's private scratch (``_recompute_*``), sorted."""
-    return [(n, b) for n, b in sorted(module.named_buffers()) if not n.rsplit(".", 1)[-1].startswith("_recompute")]
 
 
 def max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:

@@ -99,18 +99,22 @@ def init_state(module: nn.Module, allow_nonfinite_stats: bool, device: torch.dev
 def init_snapshot(module: nn.Module, names: Sequence[str], device: torch.device | str | None) -> None:
     """Register the non-persistent buffers of the snapshot the named state is recomputed from.
 
-    ``_recompute_snapshot`` (float64 ``[floating numel]``) and ``_recompute_counters`` (int64
-    ``[integer numel + 1]``): the named buffers as the last training forward that may have a
-    backward read them, then a ticket (how many such forwards ran); ``_recompute_backwards``
-    (int64 ``[]``): how many backwards ran through them. Integers apart, so ``module.half()``
-    cannot round a step counter (floating state is then half precision itself). Eager forwards
-    keep them as compiled ones do (only compiled recomputations read them), so eager and compiled
-    modules hold the same buffers.
+    ``_recompute_snapshot`` (``[floating numel]``, the floating state's dtype) and
+    ``_recompute_counters`` (int64 ``[integer numel + 1]``): the named buffers as the last training
+    forward that may have a backward read them, then a ticket (how many such forwards ran);
+    ``_recompute_backwards`` (int64 ``[]``): how many backwards ran through them. The snapshot
+    holds the floating state exactly because ``module.to(dtype)`` / ``.half()`` convert it with
+    the state; integers apart, so no conversion rounds a step counter. Eager forwards keep them
+    as compiled ones do (only compiled recomputations read them), so eager and compiled modules
+    hold the same buffers.
     """
     state = [getattr(module, n) for n in names]
-    floating = sum(t.numel() for t in state if t.is_floating_point())
+    floating = [t for t in state if t.is_floating_point()]
+    dtypes = {t.dtype for t in floating}
+    dtype = dtypes.pop() if len(dtypes) == 1 else torch.float64
     integer = sum(t.numel() for t in state if not t.is_floating_point())
-    module.register_buffer(SNAPSHOT, torch.zeros(floating, dtype=torch.float64, device=device), persistent=False)
+    module.register_buffer(SNAPSHOT, torch.zeros(sum(t.numel() for t in floating), dtype=dtype, device=device),
+                           persistent=False)
     module.register_buffer(COUNTERS, torch.zeros(integer + 1, dtype=torch.long, device=device), persistent=False)
     module.register_buffer(BACKWARDS, torch.zeros((), dtype=torch.long, device=device), persistent=False)
 

@@ -64,6 +64,7 @@ __all__ = [
     "SKIPS",
     "advances",
     "commit_state",
+    "first_run",
     "init_snapshot",
     "init_state",
     "read_state",
@@ -205,11 +206,18 @@ def advances(module: nn.Module) -> bool | torch.Tensor:
     Eager: a bool. Compiled: a 0-d bool tensor decided at run time (an eager checkpoint around a
     compiled module re-runs its compiled forward inside the backward).
     """
-    if not module.training:
-        return False
+    return module.training and first_run(getattr(module, SKIPS))
+
+
+def first_run(anchor: torch.Tensor) -> bool | torch.Tensor:
+    """Whether this forward is a first run, not a recomputation inside a backward.
+
+    Eager: a bool. Compiled: a 0-d bool tensor on ``anchor``'s device (``anchor``: any state
+    tensor), decided at run time by ``distnorm::first_run``.
+    """
     if torch.compiler.is_compiling():
-        return torch.ops.distnorm.first_run(getattr(module, SKIPS))
-    return not recomputing()
+        return torch.ops.distnorm.first_run(anchor)
+    return not inside_backward()
 
 
 def _may_be_recomputed() -> bool:

@@ -202,20 +202,24 @@ def batch_norm_train(
               and not isinstance(momentum, torch.Tensor) and _native_ok(x, weight, bias, running_mean, running_var))
     if native:
         _check_more_than_one_value(x, c_dim, group, where)
-        if not tracked or (update is True and skips is None):  # torch updates the running statistics itself
-            y = torch.batch_norm(x, weight, bias, running_mean, running_var, True, float(momentum), eps,
-                                 torch.backends.cudnn.enabled)
-            if tracked and num_batches_tracked is not None:
-                num_batches_tracked.add_(1)
-            return y
+        if not tracked:
+            return torch.batch_norm(x, weight, bias, None, None, True, float(momentum), eps, torch.backends.cudnn.enabled)
         assert running_mean is not None and running_var is not None
-        # torch updates copies (it saves them for backward); they replace the buffers unless the
-        # batch was not finite (or this is a recomputation). A non-finite batch makes the new
-        # running variance NaN/Inf (its mean enters the variance), so checking that one suffices
-        # (statistics that are already NaN/Inf stay so either way: they only count skips then).
+        # torch updates copies (it saves them for backward); they replace the buffers unless this
+        # is a recomputation or, with the guard, the batch was not finite. A non-finite batch makes
+        # the new running variance NaN/Inf (its mean enters the variance), so checking that one
+        # suffices (statistics that are already NaN/Inf stay so either way: they only count skips
+        # then). Copies always, so a recomputation issues the first run's ops (selective
+        # checkpointing matches them one by one).
         new = torch.stack([running_mean.detach(), running_var.detach()])
         y = torch.batch_norm(x, weight, bias, new[0], new[1], True, float(momentum), eps, torch.backends.cudnn.enabled)
-        if update is not False:
+        if update is True and skips is None:
+            with torch.no_grad():
+                running_mean.copy_(new[0])
+                running_var.copy_(new[1])
+                if num_batches_tracked is not None:
+                    num_batches_tracked.add_(1)
+        elif update is not False:
             with torch.no_grad():
                 kept = torch.isfinite(new[1].sum(dtype=torch.float64))
                 if skips is None:

@@ -7,14 +7,22 @@ from torch import nn
 
 from distnorm import comm
 from distnorm.comm import Group
-from distnorm.data_parallel._state import SKIPS, init_state, read_state, skips_of
+from distnorm.data_parallel._state import (
+    SKIPS,
+    commit_state,
+    init_snapshot,
+    init_state,
+    read_state,
+    reset_snapshot,
+    skips_of,
+    track_backward,
+)
 from distnorm.functional._norm_utils import (
     check_args,
     check_eps,
     check_input,
     check_params,
     check_rows,
-    commit_,
     pack_state,
     rank_of,
     unpack_state,
@@ -43,6 +51,7 @@ class BatchChannelNorm(nn.Module):
     """
 
     running_stat_buffers: tuple[str, ...] = ("running_mean", "running_var")
+    _state_names = ("running_mean", "running_var", "num_batches_tracked")  # what the training forward reads
     running_mean: torch.Tensor
     running_var: torch.Tensor
     num_batches_tracked: torch.Tensor
@@ -87,6 +96,7 @@ class BatchChannelNorm(nn.Module):
         self.register_buffer("running_var", torch.ones(num_features, device=device, dtype=torch.float32))
         self.register_buffer("num_batches_tracked", torch.zeros((), device=device, dtype=torch.long))
         init_state(self, allow_nonfinite_stats, device)
+        init_snapshot(self, self._state_names, device)
         self.reset_parameters()
 
     def reset_running_stats(self) -> None:
@@ -94,6 +104,7 @@ class BatchChannelNorm(nn.Module):
         self.running_var.fill_(1.0)
         self.num_batches_tracked.zero_()
         getattr(self, SKIPS).zero_()
+        reset_snapshot(self)
 
     def reset_parameters(self) -> None:
         self.reset_running_stats()
@@ -106,20 +117,21 @@ class BatchChannelNorm(nn.Module):
         c = (self.num_features,)
         check_params("BatchChannelNorm", self.group, weight=(self.weight, c), bias=(self.bias, c),
                      cn_weight=(self.cn_weight, c), cn_bias=(self.cn_bias, c))
-        names = ("running_mean", "running_var", "num_batches_tracked")
+        names = self._state_names
+        state: torch.Tensor
+        fresh: bool | torch.Tensor = False
         if self.training:
             check_rows(x, c_dim, mask, "BatchChannelNorm", self.group)
-            state, fresh = read_state(self, names)
+            state, fresh = read_state(self, names, x)
         else:
-            state, fresh = pack_state([getattr(self, n) for n in names]), False
+            state = pack_state([getattr(self, n) for n in names])
         y, new = batch_channel_norm_step(
             x, self.weight, self.bias, self.cn_weight, self.cn_bias, state, num_groups=self.num_groups,
             training=self.training, momentum=self.momentum, eps=self.eps, estbn_eps=self.estbn_eps, channel_dim=c_dim,
             mask=mask, group=self.group)
-        if fresh:
-            targets = [getattr(self, n) for n in names]
-            commit_(targets, unpack_state(new, targets), skips_of(self))
-        return y
+        targets = [getattr(self, n) for n in names]
+        commit_state(targets, unpack_state(new, targets), fresh, skips_of(self))
+        return track_backward(self, x, y)
 
     def extra_repr(self) -> str:
         return (f"{self.num_features}, num_groups={self.num_groups}, eps={self.eps}, estbn_eps={self.estbn_eps}, "

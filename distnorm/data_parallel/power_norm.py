@@ -7,14 +7,23 @@ from torch import nn
 
 from distnorm import comm
 from distnorm.comm import Group
-from distnorm.data_parallel._state import GRAD_SKIPS, SKIPS, init_state, read_state, skips_of
+from distnorm.data_parallel._state import (
+    GRAD_SKIPS,
+    SKIPS,
+    commit_state,
+    init_snapshot,
+    init_state,
+    read_state,
+    reset_snapshot,
+    skips_of,
+    track_backward,
+)
 from distnorm.functional._norm_utils import (
     check_args,
     check_eps,
     check_input,
     check_params,
     check_rows,
-    commit_,
     rank_of,
     scale_shift_fold,
     unpack_state,
@@ -49,6 +58,7 @@ class PowerNorm(nn.Module):
     """
 
     running_stat_buffers: tuple[str, ...] = ("running_phi",)
+    _state_names = ("running_phi", "num_batches_tracked")  # what the training forward reads
     running_phi: torch.Tensor
     ema_gz: torch.Tensor
     num_batches_tracked: torch.Tensor
@@ -96,6 +106,7 @@ class PowerNorm(nn.Module):
         self.register_buffer("ema_gz", torch.zeros(num_features, device=device, dtype=torch.float32))
         self.register_buffer("num_batches_tracked", torch.zeros((), device=device, dtype=torch.long))
         init_state(self, allow_nonfinite_stats, device, backward_stats=True)
+        init_snapshot(self, self._state_names, device)
         self.reset_parameters()
 
     def reset_running_stats(self) -> None:
@@ -104,6 +115,7 @@ class PowerNorm(nn.Module):
         self.num_batches_tracked.zero_()
         getattr(self, SKIPS).zero_()
         getattr(self, GRAD_SKIPS).zero_()
+        reset_snapshot(self)
 
     def reset_parameters(self) -> None:
         self.reset_running_stats()
@@ -120,15 +132,13 @@ class PowerNorm(nn.Module):
             return power_norm_eval(x_in, self.weight, self.bias, self.running_phi, eps=self.eps,
                                    channel_dim=c_dim).to(x.dtype)
         check_rows(x, c_dim, mask, "PowerNorm", self.group)
-        names = ("running_phi", "num_batches_tracked")
-        state, fresh = read_state(self, names)
+        state, fresh = read_state(self, self._state_names, x)
         y, new = power_norm_step(x_in, self.weight, self.bias, state, self.ema_gz, eps=self.eps,
                                  alpha_fwd=self.alpha_fwd, alpha_bkw=self.alpha_bkw, warmup_iters=self.warmup_iters,
                                  channel_dim=c_dim, mask=mask, group=self.group, skips=skips_of(self, GRAD_SKIPS))
-        if fresh:
-            targets = [self.running_phi, self.num_batches_tracked]
-            commit_(targets, unpack_state(new, targets), skips_of(self))
-        return y.to(x.dtype)
+        targets = [self.running_phi, self.num_batches_tracked]
+        commit_state(targets, unpack_state(new, targets), fresh, skips_of(self))
+        return track_backward(self, x, y.to(x.dtype))
 
     def fold_scale_shift(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Eval form as a per-channel affine map: ``y = x * scale + shift`` (fp32 ``[C]`` each).

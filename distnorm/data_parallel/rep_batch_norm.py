@@ -7,8 +7,18 @@ from torch import nn
 
 from distnorm import comm
 from distnorm.comm import Group
-from distnorm.data_parallel._state import SKIPS, advances, init_state, read_state, skips_of
-from distnorm.functional._norm_utils import check_args, check_input, check_params, check_rows, commit_, rank_of
+from distnorm.data_parallel._state import (
+    SKIPS,
+    advances,
+    commit_state,
+    init_snapshot,
+    init_state,
+    read_state,
+    reset_snapshot,
+    skips_of,
+    track_backward,
+)
+from distnorm.functional._norm_utils import check_args, check_input, check_params, check_rows, rank_of
 from distnorm.functional.rep_batch_norm import layer_norm_channels, progressive_lambda, rep_batch_norm
 
 __all__ = ["ProgressiveRepBN", "RepBatchNorm"]
@@ -163,17 +173,20 @@ class ProgressiveRepBN(nn.Module):
         self.rep_bn = RepBatchNorm(num_features, eps, momentum, group=group, channel_dim=channel_dim,
                                    allow_nonfinite_stats=allow_nonfinite_stats, device=device, dtype=dtype)
         self.register_buffer("step", torch.zeros((), device=device, dtype=torch.long))
+        init_snapshot(self, ("step",), device)
 
     def reset_running_stats(self) -> None:
         """Fresh statistics (the RepBatchNorm branch's) and a schedule back at step 0."""
         self.rep_bn.reset_running_stats()
         self.step.zero_()
+        reset_snapshot(self)
 
     def reset_parameters(self) -> None:
         """A freshly constructed module's parameters and buffers (after ``to_empty()`` from meta too)."""
         self.layer_norm.reset_parameters()
         self.rep_bn.reset_parameters()
         self.step.zero_()
+        reset_snapshot(self)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         check_input(x, self.num_features, self.channel_dim, mask, "ProgressiveRepBN", self)
@@ -183,14 +196,13 @@ class ProgressiveRepBN(nn.Module):
         if not self.training:
             return self.rep_bn(x, mask)
         # the schedule's clock, as this step's first forward read it (checkpoint recomputation, compile)
-        step, fresh = read_state(self, ("step",))
+        step, fresh = read_state(self, ("step",), x)
         xs = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x  # one cast for both branches' grads
         lam = progressive_lambda(step[0], self.warmup_steps, self.decay_steps).to(xs.dtype)
         y_ln = layer_norm_channels(xs, self.layer_norm.weight, self.layer_norm.bias, self.layer_norm.eps, self.channel_dim)
         y_bn = self.rep_bn(xs, mask)
-        if fresh:
-            commit_([self.step], [step[0] + 1], None)  # a clock: it advances even past a skipped batch
-        return (lam * y_ln + (1 - lam) * y_bn).to(x.dtype)
+        commit_state([self.step], [step[0] + 1], fresh, None)  # a clock: it advances even past a skipped batch
+        return track_backward(self, x, (lam * y_ln + (1 - lam) * y_bn).to(x.dtype))
 
     def fold_scale_shift(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Eval form (pure RepBN) as a per-channel affine map; see :meth:`RepBatchNorm.fold_scale_shift`."""

@@ -18,7 +18,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from distnorm import comm
 from distnorm.comm import Group
-from distnorm.data_parallel._state import SKIPS, advances, init_state, skips_of
+from distnorm.data_parallel._state import SKIPS, advances, first_run, init_state, skips_of
 from distnorm.functional._norm_utils import check_params
 from distnorm.functional.batch_norm import batch_norm_eval, batch_norm_train
 from distnorm.functional.batch_stats import stats_dtype as _stats_dtype
@@ -90,16 +90,22 @@ def sync_batch_norm(
     towards the global mean and the global *unbiased* variance, as ``torch.nn.BatchNorm``.
     ``weight``/``bias`` gradients are this rank's share (sum over ranks = the one-process
     gradient), as in torch. See :func:`distnorm.functional.batch_norm.batch_norm_train`.
+    ``weight``, ``bias`` and the running statistics must have shape ``[C]`` (a ValueError naming
+    the one that does not). An activation checkpoint's recomputation (a call inside a backward,
+    eager or compiled) leaves the running statistics alone: they advance once per step.
 
     Collectives (P > 1): fwd 1 all-reduce of 2C + 1 float64 (``[n·m, M2 + n·m², n]``, 8(2C + 1)
     bytes); bwd 1 all-reduce of 2C numbers (``[Σdy, Σdy·x̂]``, 8C bytes, 16C for float64), only when
     ``x`` needs a gradient. group None or P == 1: none. No host sync; a rank with an empty batch
     takes part.
     """
-    per_channel = next((t for t in (weight, running_mean) if t is not None), None)
-    check_input(x, None if per_channel is None else per_channel.numel(), channel_dim, mask, group, "sync_batch_norm")
+    check_input(x, None, channel_dim, mask, group, "sync_batch_norm")
+    c = (x.shape[channel_dim],)
+    check_params("sync_batch_norm", group, weight=(weight, c), bias=(bias, c), running_mean=(running_mean, c),
+                 running_var=(running_var, c))
+    update = True if running_mean is None else first_run(running_mean)
     return batch_norm_train(x, weight, bias, running_mean, running_var, momentum=momentum, eps=eps, group=group,
-                            channel_dim=channel_dim, mask=mask, where="SyncBatchNorm")
+                            channel_dim=channel_dim, mask=mask, update=update, where="SyncBatchNorm")
 
 
 class SyncBatchNorm(_BatchNorm):

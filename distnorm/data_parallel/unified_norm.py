@@ -7,13 +7,22 @@ from torch import nn
 
 from distnorm import comm
 from distnorm.comm import Group
-from distnorm.data_parallel._state import GRAD_SKIPS, SKIPS, init_state, read_state, skips_of
+from distnorm.data_parallel._state import (
+    GRAD_SKIPS,
+    SKIPS,
+    commit_state,
+    init_snapshot,
+    init_state,
+    read_state,
+    reset_snapshot,
+    skips_of,
+    track_backward,
+)
 from distnorm.functional._norm_utils import (
     check_args,
     check_input,
     check_params,
     check_rows,
-    commit_,
     rank_of,
     scale_shift_fold,
     unpack_state,
@@ -94,6 +103,7 @@ class UnifiedNorm(nn.Module):
         self.register_buffer("buffer_gz", torch.zeros(window_size, num_features, **f32))  # type: ignore[arg-type]
         self.register_buffer("skip_counter", torch.zeros((), device=device, dtype=torch.long))
         init_state(self, allow_nonfinite_stats, device, backward_stats=True)
+        init_snapshot(self, STATE_NAMES, device)
         self.reset_parameters()
 
     def reset_running_stats(self) -> None:
@@ -101,6 +111,7 @@ class UnifiedNorm(nn.Module):
         for buf in (self.ema_gz, self.num_batches_tracked, self.buffer_x2, self.buffer_gz, self.skip_counter,
                     getattr(self, SKIPS), getattr(self, GRAD_SKIPS)):
             buf.zero_()
+        reset_snapshot(self)
 
     def reset_parameters(self) -> None:
         self.reset_running_stats()
@@ -116,16 +127,15 @@ class UnifiedNorm(nn.Module):
             return power_norm_eval(x, self.weight, self.bias, self.running_var, eps=self.eps,
                                    channel_dim=c_dim).to(x.dtype)
         check_rows(x, c_dim, mask, "UnifiedNorm", self.group)
-        state, fresh = read_state(self, STATE_NAMES)
+        state, fresh = read_state(self, STATE_NAMES, x)
         y, new = unified_norm_step(
             x, self.weight, self.bias, state, (self.ema_gz, self.buffer_gz), eps=self.eps, momentum=self.momentum,
             window_size=self.window_size, warmup_iters=self.warmup_iters, outlier_filtration=self.outlier_filtration,
             ratio_warmup_iters=self.ratio_warmup_iters, channel_dim=c_dim, mask=mask, group=self.group,
             skips=skips_of(self, GRAD_SKIPS))
-        if fresh:
-            targets = [getattr(self, name) for name in STATE_NAMES]
-            commit_(targets, unpack_state(new, targets), skips_of(self))
-        return y
+        targets = [getattr(self, name) for name in STATE_NAMES]
+        commit_state(targets, unpack_state(new, targets), fresh, skips_of(self))
+        return track_backward(self, x, y)
 
     def fold_scale_shift(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Eval form as a per-channel affine map: ``y = x * scale + shift`` (fp32 ``[C]`` each)."""

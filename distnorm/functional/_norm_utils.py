@@ -95,38 +95,80 @@ def check_params(where: str, group: Group, **params: tuple[torch.Tensor | None, 
                              f"(rank {rank_of(group)})")
 
 
-def commit_(targets: Sequence[torch.Tensor], new: Sequence[torch.Tensor], skips: torch.Tensor | None) -> None:
+def commit_(targets: Sequence[torch.Tensor], new: Sequence[torch.Tensor], skips: torch.Tensor | None,
+            gate: torch.Tensor | None = None) -> None:
     """Write ``new`` into the state tensors ``targets`` in place (no autograd), as one step.
 
     ``skips`` given (the non-finite guard): if every floating target is finite now and the update
     would make one NaN/Inf, nothing changes (every target keeps its value, counters included) and
-    ``skips`` counts one. The decision is a device tensor (``torch.where``): no host sync,
-    traceable; it costs two float64 sums, so it adds a handful of tiny ops per step.
+    ``skips`` counts one. ``gate`` (a 0-d bool tensor) False: nothing changes, nothing is counted
+    (a compiled forward that finds at run time that it is a recomputation). The decisions are
+    device tensors (``torch.where``): no host sync, traceable; the guard costs two float64 sums.
     """
     with torch.no_grad():
-        if skips is None:
+        if skips is None and gate is None:
             for t, v in zip(targets, new, strict=True):
                 t.copy_(v)
             return
-        floats = [i for i, t in enumerate(targets) if t.is_floating_point()]
-        old_total = torch.cat([targets[i].reshape(-1) for i in floats]).sum(dtype=torch.float64)
-        new_total = torch.cat([new[i].reshape(-1).to(targets[i].dtype) for i in floats]).sum(dtype=torch.float64)
-        spoiled = torch.isfinite(old_total) & ~torch.isfinite(new_total)  # a NaN/Inf anywhere makes the sum one
+        keep = None if gate is None else ~gate
+        if skips is not None:
+            floats = [i for i, t in enumerate(targets) if t.is_floating_point()]
+            old_total = torch.cat([targets[i].reshape(-1) for i in floats]).sum(dtype=torch.float64)
+            new_total = torch.cat([new[i].reshape(-1).to(targets[i].dtype) for i in floats]).sum(dtype=torch.float64)
+            spoiled = torch.isfinite(old_total) & ~torch.isfinite(new_total)  # a NaN/Inf anywhere makes the sum one
+            skips.add_((spoiled if gate is None else spoiled & gate).to(skips.dtype))
+            keep = spoiled if keep is None else keep | spoiled
+        assert keep is not None
         for t, v in zip(targets, new, strict=True):
-            t.copy_(torch.where(spoiled, t, v.to(t.dtype)))
-        skips.add_(spoiled.to(skips.dtype))
+            t.copy_(torch.where(keep, t, v.to(t.dtype)))
 
 
 def pack_state(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """The values of ``tensors`` (running statistics, counters) as one float64 vector (plus one 0).
 
-    A ``torch.cat``: the AOT min-cut partitioner never recomputes a cat in the backward, so a
-    compiled backward sees the values the forward read, not the buffers the forward then updated
-    in place (torch recomputes reads of mutated buffers otherwise: pytorch/pytorch#197039). The
-    trailing 0 keeps the cat a cat: a single-input cat is simplified to a (recomputable) copy.
+    The one layout in which a norm's step function receives its state (the trailing 0 included:
+    :func:`~distnorm.functional.unified_norm.unified_norm_step` indexes from the end). Eagerly, and
+    compiled without gradients, the state is read this way; a compiled training forward with
+    gradients reads it through ``distnorm::read_snapshot``
+    (:mod:`distnorm.data_parallel._state`), because the AOT partitioner may recompute the read in
+    the backward after the forward updated the buffers (pytorch/pytorch#197039).
     """
     parts = [t.detach().reshape(-1).double() for t in tensors]
     return torch.cat([*parts, parts[0].new_zeros(1)])
+
+
+def inside_backward() -> bool:
+    """Whether this runs inside a backward (activation checkpointing's recomputation runs there)."""
+    return torch._C._current_graph_task_id() != -1
+
+
+@torch.library.custom_op("distnorm::read_state_once", mutates_args=(), tags=(torch.Tag.cudagraph_unsafe,))
+def _read_state_once(state: list[torch.Tensor], message: str) -> torch.Tensor:
+    if inside_backward():
+        raise RuntimeError(message)
+    return pack_state(state)
+
+
+@_read_state_once.register_fake
+def _(state: list[torch.Tensor], message: str) -> torch.Tensor:
+    return state[0].new_empty(sum(t.numel() for t in state) + 1, dtype=torch.float64)
+
+
+def read_state_once(state: Sequence[torch.Tensor], where: str) -> torch.Tensor:
+    """:func:`pack_state` for a functional op that advances ``state`` in place: a RuntimeError when
+    it runs inside a backward, where a recomputation (activation checkpointing) would read the
+    state already advanced. Compiled, a custom op asks at run time (the partitioner's
+    recomputation of a checkpointed region, or under an activation memory budget, runs it there).
+    """
+    message = (f"{where}: activation checkpointing recomputes this functional call, which reads and advances the "
+               f"state tensors it is given, so the recomputation would read them already advanced and not be "
+               f"exact. Use the module (it keeps the state its forward read) or keep the call out of the "
+               f"checkpointed region (rank {rank_of(None)})")
+    if torch.compiler.is_compiling():
+        return torch.ops.distnorm.read_state_once(list(state), message)
+    if inside_backward():
+        raise RuntimeError(message)
+    return pack_state(state)
 
 
 def unpack_state(packed: torch.Tensor, like: Sequence[torch.Tensor]) -> list[torch.Tensor]:

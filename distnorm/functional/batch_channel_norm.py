@@ -30,6 +30,7 @@ from distnorm.functional._norm_utils import (
     group_moments,
     group_moments_ref,
     pack_state,
+    read_state_once,
     rows_ref,
     unpack_state,
     vec_shape,
@@ -113,7 +114,8 @@ def batch_channel_norm(
     ``group`` None or P == 1: none.
     """
     state = [running_mean, running_var, num_batches_tracked]
-    y, new = batch_channel_norm_step(x, weight, bias, cn_weight, cn_bias, pack_state(state), num_groups=num_groups,
+    packed = read_state_once(state, "batch_channel_norm") if training else pack_state(state)
+    y, new = batch_channel_norm_step(x, weight, bias, cn_weight, cn_bias, packed, num_groups=num_groups,
                                      training=training, momentum=momentum, eps=eps, estbn_eps=estbn_eps,
                                      channel_dim=channel_dim, mask=mask, group=group)
     if training:

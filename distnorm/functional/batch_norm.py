@@ -175,7 +175,7 @@ def batch_norm_train(
     channel_dim: int = 1,
     mask: torch.Tensor | None = None,
     skips: torch.Tensor | None = None,
-    update: bool = True,
+    update: bool | torch.Tensor = True,
     where: str = "batch_norm",
 ) -> torch.Tensor:
     """Training-mode batch norm over the global batch of ``group``; running statistics advance in place.
@@ -188,7 +188,8 @@ def batch_norm_train(
     ``skips`` (a 0-d int tensor) a non-finite batch leaves every statistic as it was and counts one
     skip (:func:`~distnorm.functional._norm_utils.commit_`). ``update=False`` (an activation
     checkpoint's recomputation) leaves them all as they are but takes the same path, so the
-    recomputation saves the same tensors. ``weight``/``bias`` gradients are this rank's share
+    recomputation saves the same tensors; a 0-d bool tensor decides at run time (a compiled
+    forward, which may be re-run by an eager checkpoint). ``weight``/``bias`` gradients are this rank's share
     (their sum over ranks is the one-process gradient), as in torch.
 
     Collectives (P > 1): fwd 1 all-reduce of ``2C + 1`` float64 (``8(2C + 1)`` bytes); bwd 1
@@ -201,24 +202,34 @@ def batch_norm_train(
               and not isinstance(momentum, torch.Tensor) and _native_ok(x, weight, bias, running_mean, running_var))
     if native:
         _check_more_than_one_value(x, c_dim, group, where)
-        if not tracked or (update and skips is None):  # torch updates the running statistics itself
-            y = torch.batch_norm(x, weight, bias, running_mean, running_var, True, float(momentum), eps,
-                                 torch.backends.cudnn.enabled)
-            if tracked and num_batches_tracked is not None:
-                num_batches_tracked.add_(1)
-            return y
+        if not tracked:
+            return torch.batch_norm(x, weight, bias, None, None, True, float(momentum), eps, torch.backends.cudnn.enabled)
         assert running_mean is not None and running_var is not None
-        # torch updates copies (it saves them for backward); they replace the buffers unless the
-        # batch was not finite (or this is a recomputation). A non-finite batch makes the new
-        # running variance NaN/Inf (its mean enters the variance), so checking that one suffices
-        # (statistics that are already NaN/Inf stay so either way: they only count skips then).
+        # torch updates copies (it saves them for backward); they replace the buffers unless this
+        # is a recomputation or, with the guard, the batch was not finite. A non-finite batch makes
+        # the new running variance NaN/Inf (its mean enters the variance), so checking that one
+        # suffices (statistics that are already NaN/Inf stay so either way: they only count skips
+        # then). Copies always, so a recomputation issues the first run's ops (selective
+        # checkpointing matches them one by one).
         new = torch.stack([running_mean.detach(), running_var.detach()])
         y = torch.batch_norm(x, weight, bias, new[0], new[1], True, float(momentum), eps, torch.backends.cudnn.enabled)
-        if update:
-            assert skips is not None
+        if update is True and skips is None:
+            with torch.no_grad():
+                running_mean.copy_(new[0])
+                running_var.copy_(new[1])
+                if num_batches_tracked is not None:
+                    num_batches_tracked.add_(1)
+        elif update is not False:
             with torch.no_grad():
                 kept = torch.isfinite(new[1].sum(dtype=torch.float64))
-                skips.add_(~kept)
+                if skips is None:
+                    kept = torch.ones_like(kept)
+                if update is not True:
+                    kept = kept & update
+                    if skips is not None:
+                        skips.add_(update & ~kept)
+                elif skips is not None:
+                    skips.add_(~kept)
                 running_mean.copy_(torch.where(kept, new[0], running_mean))
                 running_var.copy_(torch.where(kept, new[1], running_var))
                 if num_batches_tracked is not None:
@@ -226,24 +237,26 @@ def batch_norm_train(
         return y
     mean64, var64, n = batch_norm_stats(x, c_dim, mask, group, where)
     sdt = stats_dtype(x.dtype)
-    if tracked and update:
+    if tracked and update is not False:
         assert running_mean is not None and running_var is not None
         with torch.no_grad():
             unbiased = var64 * (n / (n - 1).clamp_min(1))
             new_mean = running_mean.double() + momentum * (mean64 - running_mean.double())
             new_var = running_var.double() + momentum * (unbiased - running_var.double())
-            _commit_step(running_mean, running_var, num_batches_tracked, new_mean, new_var, skips)
+            _commit_step(running_mean, running_var, num_batches_tracked, new_mean, new_var, skips,
+                         None if update is True else update)
     return _BatchNormFn.apply(x, weight, bias, mean64.to(sdt), var64.to(sdt), eps, n.to(sdt), None, 1.0, mask, group,
                               c_dim)
 
 
 def _commit_step(running_mean: torch.Tensor, running_var: torch.Tensor, num_batches_tracked: torch.Tensor | None,
-                 new_mean: torch.Tensor, new_var: torch.Tensor, skips: torch.Tensor | None) -> None:
+                 new_mean: torch.Tensor, new_var: torch.Tensor, skips: torch.Tensor | None,
+                 gate: torch.Tensor | None) -> None:
     targets, new = [running_mean, running_var], [new_mean, new_var]
     if num_batches_tracked is not None:
         targets.append(num_batches_tracked)
         new.append(num_batches_tracked + 1)
-    commit_(targets, new, skips)
+    commit_(targets, new, skips, gate)
 
 
 def batch_norm_eval(

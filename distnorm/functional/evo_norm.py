@@ -53,14 +53,14 @@ def evo_norm_b0(
     channel_dim: int = 1,
     mask: torch.Tensor | None = None,
     group: Group = None,
-    update: bool = True,
+    update: bool | torch.Tensor = True,
     skips: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """EvoNorm-B0 of ``x [..C..]`` -> ``y`` of ``x``'s shape and dtype.
 
     Training with ``update`` moves ``running_var`` towards the unbiased global-batch variance and
     counts the step (guarded by ``skips`` when given; a checkpoint recomputation passes
-    ``update=False``). Collectives in training (P > 1): fwd 1 all-reduce of ``2C + 1`` fp64
+    ``update=False``, a compiled forward a 0-d bool tensor decided at run time). Collectives in training (P > 1): fwd 1 all-reduce of ``2C + 1`` fp64
     numbers; bwd 1 all-reduce of ``2C + 1`` fp64 numbers (the gradient of the batch moments).
     Eval, ``group`` None or P == 1: none.
     """
@@ -71,11 +71,12 @@ def evo_norm_b0(
     if training:
         _, var_b64, n = synced_moments(xs, channel_dim=c_dim, mask=mask, group=group, differentiable=True)
         check_nonempty(n.detach(), "EvoNormB0", group)
-        if update:
+        if update is not False:
             with torch.no_grad():
                 unbiased = var_b64 * n / (n - 1).clamp_min(1)
                 new_var = (1 - momentum) * running_var.double() + momentum * unbiased
-                commit_([running_var, num_batches_tracked], [new_var, num_batches_tracked + 1], skips)
+                commit_([running_var, num_batches_tracked], [new_var, num_batches_tracked + 1], skips,
+                        gate=None if update is True else update)
         var_b = var_b64.to(sdt)
     else:
         var_b = running_var.to(sdt)

@@ -40,7 +40,7 @@ from distnorm.functional._norm_utils import (
     channel_sum,
     commit_,
     mask_weight,
-    pack_state,
+    read_state_once,
     rows_ref,
     synced_second_moment,
     unpack_state,
@@ -184,7 +184,7 @@ def power_norm(
     x_in = x if group_num is None else group_scaling(x, group_num, group_scaling_eps, c_dim)
     if not training:
         return power_norm_eval(x_in, weight, bias, running_phi, eps=eps, channel_dim=c_dim).to(x.dtype)
-    y, new = power_norm_step(x_in, weight, bias, pack_state([running_phi, step]), ema_gz, eps=eps, alpha_fwd=alpha_fwd,
+    y, new = power_norm_step(x_in, weight, bias, read_state_once([running_phi, step], "power_norm"), ema_gz, eps=eps, alpha_fwd=alpha_fwd,
                              alpha_bkw=alpha_bkw, warmup_iters=warmup_iters, channel_dim=c_dim, mask=mask, group=group)
     commit_([running_phi, step], unpack_state(new, [running_phi, step]), None)
     return y.to(x.dtype)

@@ -52,7 +52,7 @@ def synced_batch_norm(
     mask: torch.Tensor | None = None,
     group: Group = None,
     where: str = "synced_batch_norm",
-    update: bool = True,
+    update: bool | torch.Tensor = True,
     skips: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """BatchNorm over the global batch of ``group``, differentiable, in the stats dtype (fp32/fp64).
@@ -88,7 +88,7 @@ def rep_batch_norm(
     channel_dim: int = -1,
     mask: torch.Tensor | None = None,
     group: Group = None,
-    update: bool = True,
+    update: bool | torch.Tensor = True,
     skips: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``BN(x) + alpha * x`` over the global batch -> ``x``'s shape and dtype.

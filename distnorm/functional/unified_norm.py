@@ -39,7 +39,7 @@ from distnorm.functional._norm_utils import (
     channel_sum,
     commit_,
     mask_weight,
-    pack_state,
+    read_state_once,
     rows_ref,
     synced_second_moment,
     unpack_state,
@@ -199,7 +199,7 @@ def unified_norm(
         return power_norm_eval(x, weight, bias, running_var, eps=eps, channel_dim=channel_dim).to(x.dtype)
     forward_state = [running_var, step, buffer_x2, skip_counter]
     y, new = unified_norm_step(
-        x, weight, bias, pack_state(forward_state), (ema_gz, buffer_gz), eps=eps, momentum=momentum,
+        x, weight, bias, read_state_once(forward_state, "unified_norm"), (ema_gz, buffer_gz), eps=eps, momentum=momentum,
         window_size=window_size, warmup_iters=warmup_iters, outlier_filtration=outlier_filtration,
         ratio_warmup_iters=ratio_warmup_iters, channel_dim=channel_dim, mask=mask, group=group)
     commit_(forward_state, unpack_state(new, forward_state), None)

@@ -4,12 +4,14 @@ steps and records everything that must agree between two ways of running the sam
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from distnorm.data_parallel import (
     AlphaBatchNorm,
@@ -95,3 +97,32 @@ def max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
 
 def world_group(world: int) -> Any:
     return dist.group.WORLD if world > 1 else None
+
+
+def save_sums(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
+    """A selective-checkpoint policy that caches ops the norms themselves issue, recomputes the rest."""
+    saved = (torch.ops.aten.mm.default, torch.ops.aten.sum.dim_IntList)
+    return CheckpointPolicy.MUST_SAVE if op in saved else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+KINDS = ["nonreentrant", "reentrant", "selective"]
+
+
+def region(module: nn.Module, kind: str, call: Callable[[torch.Tensor], torch.Tensor] | None = None
+           ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``call`` (default ``module``) inside a region with ops before and after it, checkpointed as
+    ``kind`` ("none" or one of :data:`KINDS`) while ``module`` trains."""
+    fn = module if call is None else call
+
+    def body(t: torch.Tensor) -> torch.Tensor:
+        return fn(t * 1.5 + 0.25) * 2
+
+    def run(t: torch.Tensor) -> torch.Tensor:
+        if kind == "none" or not module.training:  # eval: nothing to checkpoint
+            return body(t)
+        if kind == "selective":
+            context = functools.partial(create_selective_checkpoint_contexts, save_sums)
+            return checkpoint(body, t, use_reentrant=False, context_fn=context)
+        return checkpoint(body, t, use_reentrant=kind == "reentrant")
+
+    return run

@@ -5,22 +5,32 @@
   with a NaN input — at world 1 (inductor) and in real gloo processes at worlds 2 and 4.
 * Activation checkpointing (non-reentrant, reentrant, selective): gradients and every buffer
   bitwise those of the uncheckpointed module (the state advances once per step), at world 1 and 3;
-  a recomputation that cannot be exact raises.
+  a recomputation that cannot be exact raises. (Compile and checkpointing together:
+  test_compile_checkpoint.py.)
 * Meta-device init: ``to_empty()`` + ``reset_parameters()`` gives a fresh module's every buffer.
 * Parameters of the wrong shape (assigned, or through ``functional_call``) raise ValueError.
 """
 
 from __future__ import annotations
 
-import functools
-
 import pytest
 import torch
 from torch import nn
-from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+from torch.utils.checkpoint import checkpoint
 
 from distnorm.testing import simulate, spawn
-from tests.data_parallel._compose import NORMS, STATE_DEPENDENT, C, batches, build, max_diff, train, world_group
+from tests.data_parallel._compose import (
+    KINDS,
+    NORMS,
+    STATE_DEPENDENT,
+    C,
+    batches,
+    build,
+    max_diff,
+    region,
+    train,
+    world_group,
+)
 
 NAMES = sorted(NORMS)
 
@@ -75,29 +85,6 @@ def test_compile_fullgraph_in_real_processes(world, names, backend):
 # --------------------------------------------------------------------------------------------
 
 
-def _save_sums(ctx, op, *args, **kwargs):  # a policy that caches ops the norms themselves issue
-    saved = (torch.ops.aten.mm.default, torch.ops.aten.sum.dim_IntList)
-    return CheckpointPolicy.MUST_SAVE if op in saved else CheckpointPolicy.PREFER_RECOMPUTE
-
-
-def _region(module, kind):
-    """``module`` inside a region with ops before and after it, checkpointed as ``kind``."""
-
-    def body(t):
-        return module(t * 1.5 + 0.25) * 2
-
-    def run(t):
-        if kind == "none" or not module.training:  # eval: nothing to checkpoint
-            return body(t)
-        if kind == "selective":
-            context = functools.partial(create_selective_checkpoint_contexts, _save_sums)
-            return checkpoint(body, t, use_reentrant=False, context_fn=context)
-        return checkpoint(body, t, use_reentrant=kind == "reentrant")
-
-    return run
-
-
-KINDS = ["nonreentrant", "reentrant", "selective"]
 
 
 def _checkpointed_vs_plain(rank, world, names):
@@ -105,10 +92,10 @@ def _checkpointed_vs_plain(rank, world, names):
     for name in names:
         steps = batches(name, world)
         plain = build(name, world_group(world))
-        ref = train(plain, _region(plain, "none"), steps, rank, world)
+        ref = train(plain, region(plain, "none"), steps, rank, world)
         for kind in KINDS:
             module = build(name, world_group(world))
-            out[name, kind] = max_diff(train(module, _region(module, kind), steps, rank, world), ref)
+            out[name, kind] = max_diff(train(module, region(module, kind), steps, rank, world), ref)
     return out
 
 
@@ -134,6 +121,17 @@ def test_checkpoint_recompute_that_cannot_be_exact_raises(name, reentrant):
         loss.backward()  # which of the two states did the recomputed forward read? no way to tell
 
 
+@pytest.mark.parametrize("name", sorted(STATE_DEPENDENT))
+def test_checkpoint_recompute_whose_stash_a_plain_forward_dropped_raises(name):
+    module = build(name)
+    x1, x2 = (t.requires_grad_() for t, _ in batches(name, steps=2))
+    loss = checkpoint(module, x1, use_reentrant=False).sum()
+    module(x2)  # a training forward with gradients outside any checkpoint: no earlier stash is kept
+    with pytest.raises(RuntimeError, match=rf"{name}: activation checkpointing recomputes .* no state of its first "
+                                           r"forward is stashed .*rank 0"):
+        loss.backward()
+
+
 @pytest.mark.parametrize("name", sorted(set(NORMS) - STATE_DEPENDENT))
 def test_checkpoint_two_forwards_before_backward_when_the_output_ignores_the_state(name):
     steps = batches(name, steps=2)
@@ -141,24 +139,28 @@ def test_checkpoint_two_forwards_before_backward_when_the_output_ignores_the_sta
     for kind in ("none", "nonreentrant"):
         module = build(name)
         xs = [x.clone().requires_grad_() for x, _ in steps]
-        sum(_region(module, kind)(x).mul(dy).sum() for x, (_, dy) in zip(xs, steps)).backward()
+        sum(region(module, kind)(x).mul(dy).sum() for x, (_, dy) in zip(xs, steps)).backward()
         results.append([x.grad for x in xs] + [b.clone() for _, b in sorted(module.named_buffers())])
     assert max_diff(*results) == 0.0
 
 
-@pytest.mark.parametrize("name", ["SyncBatchNorm"])
-def test_compile_around_checkpoint(name):
-    # the compiler recomputes from its own graph; state read only by the update stays exact (the
-    # state-reading norms are not: docs/data_parallel.md, "torch.compile and checkpointing together")
-    steps = batches(name)
-    plain = build(name)
-    ref = train(plain, _region(plain, "none"), steps)
-    module = build(name)
-    torch._dynamo.reset()
-    with torch._inductor.config.patch(compile_threads=1):
-        got = train(module, torch.compile(_region(module, "nonreentrant"), fullgraph=True), steps)
-    for a, b in zip(got, ref, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+@pytest.mark.parametrize("name", sorted(STATE_DEPENDENT))
+@pytest.mark.parametrize("between", ["no_grad", "inference_mode"])
+def test_checkpoint_with_a_forward_without_gradients_before_the_backward(name, between):
+    # a training forward without gradients (not a checkpoint's: reentrant checkpoint runs its first
+    # forward inside an autograd.Function, where forward-mode AD is off too) is never recomputed:
+    # the pending recomputation keeps its state, and the result is the uncheckpointed one
+    steps = batches(name, steps=2)
+    results = []
+    for kind in ("none", "nonreentrant", "reentrant"):
+        module = build(name)
+        x = steps[0][0].clone().requires_grad_()
+        y = region(module, kind)(x)
+        with getattr(torch, between)():
+            look = module(steps[1][0])
+        y.mul(steps[0][1]).sum().backward()
+        results.append([x.grad, look] + [b.clone() for _, b in sorted(module.named_buffers())])
+    assert max_diff(results[0], results[1]) == 0.0 and max_diff(results[0], results[2]) == 0.0
 
 
 # --------------------------------------------------------------------------------------------

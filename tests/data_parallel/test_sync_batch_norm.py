@@ -268,10 +268,42 @@ def test_distributed_gradcheck(world):
 def test_functional_checks_its_inputs():
     from distnorm.data_parallel import sync_batch_norm
 
-    with pytest.raises(ValueError, match=r"sync_batch_norm: input must have num_features = 3 channels on channel_dim=-1, got shape \(2, 4\)"):
+    with pytest.raises(ValueError, match=r"sync_batch_norm: parameter running_mean must have shape \(4,\), got \(3,\)"):
         sync_batch_norm(torch.randn(2, 4), torch.zeros(3), torch.ones(3), channel_dim=-1)
     with pytest.raises(ValueError, match=r"input must have at least 2 dims .* got shape \(4,\) \(rank 0 of 1\)"):
         sync_batch_norm(torch.randn(4), None, None)
+    for wrong in (torch.ones(5), torch.ones(1)):  # larger, and broadcastable: both named, never broadcast
+        with pytest.raises(ValueError, match=rf"sync_batch_norm: parameter weight must have shape \(4,\), got "
+                                             rf"\({wrong.numel()},\) \(rank 0"):
+            sync_batch_norm(torch.randn(2, 4, 3), torch.zeros(4), torch.ones(4), wrong)
+        with pytest.raises(ValueError, match=rf"parameter bias must have shape \(4,\), got \({wrong.numel()},\)"):
+            sync_batch_norm(torch.randn(2, 4, 3), torch.zeros(4), torch.ones(4), torch.ones(4), wrong)
+
+
+@pytest.mark.parametrize("kind", ["nonreentrant", "reentrant", "selective", "compiled nonreentrant"])
+def test_functional_under_checkpoint_advances_the_running_stats_once(kind):
+    # the output reads only the batch: a recomputation that leaves the running statistics alone is exact
+    from distnorm.data_parallel import sync_batch_norm
+    from tests.data_parallel._compose import region
+
+    def steps(run_kind):
+        g = torch.Generator().manual_seed(5)
+        weight, bias = torch.ones(C, requires_grad=True), torch.zeros(C, requires_grad=True)
+        stats = torch.zeros(C), torch.ones(C)
+        holder = nn.Module()  # region() checkpoints while its module trains
+        fn = region(holder, run_kind.removeprefix("compiled "), call=lambda t: sync_batch_norm(t, *stats, weight, bias))
+        if run_kind.startswith("compiled"):
+            torch._dynamo.reset()
+            fn = torch.compile(fn, fullgraph=True, backend="aot_eager")
+        out = []
+        for _ in range(3):
+            x = torch.randn(6, C, 5, generator=g, requires_grad=True)
+            fn(x).mul(torch.randn(6, C, 5, generator=g)).sum().backward()
+            out += [x.grad, weight.grad.clone(), bias.grad.clone(), *(s.clone() for s in stats)]
+        return out
+
+    for got, want in zip(steps(kind), steps("none"), strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 class _ScalarReads(TorchDispatchMode):

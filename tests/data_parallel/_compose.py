@@ -117,12 +117,14 @@ def region(module: nn.Module, kind: str, call: Callable[[torch.Tensor], torch.Te
     def body(t: torch.Tensor) -> torch.Tensor:
         return fn(t * 1.5 + 0.25) * 2
 
+    # preserve_rng_state=False: nothing here draws random numbers, and restoring the global CPU RNG in a
+    # recompute would reseed the other simulated ranks (threads) mid-draw
     def run(t: torch.Tensor) -> torch.Tensor:
         if kind == "none" or not module.training:  # eval: nothing to checkpoint
             return body(t)
         if kind == "selective":
             context = functools.partial(create_selective_checkpoint_contexts, save_sums)
-            return checkpoint(body, t, use_reentrant=False, context_fn=context)
-        return checkpoint(body, t, use_reentrant=kind == "reentrant")
+            return checkpoint(body, t, use_reentrant=False, context_fn=context, preserve_rng_state=False)
+        return checkpoint(body, t, use_reentrant=kind == "reentrant", preserve_rng_state=False)
 
     return run

@@ -24,9 +24,16 @@ Rules every function here keeps:
 Under ``torch.compile`` every collective here is one registered custom op
 (``torch.ops.distnorm.all_reduce`` / ``all_gather`` / ``reduce_scatter`` / ``broadcast``), so
 the autograd pairs, the plain helpers and the async ``start_*`` helpers trace with
-``fullgraph=True`` and no graph break, backward included. The ops are *ordered* effects: the
-compiler neither drops, merges nor reorders them, so every rank issues the same collectives in
-the same order whatever each rank's (uneven) shapes make of its graph. Each op's kernel is the
+``fullgraph=True`` and no graph break, backward included. Like torch's own functional
+collectives (``_c10d_functional``) they are functional ops without a registered effect: the
+compiler orders them by their data flow and program order, identically on every rank (the graph's
+structure does not depend on the uneven shapes), drops one whose result nobody reads (on every rank
+alike), and, inside an activation-checkpointed region, re-issues them in the recomputation as eager
+checkpointing does. (An *ordered effect* would pin the order further, but torch 2.13 cannot
+recompute effectful ops: ``torch.compile`` around ``torch.utils.checkpoint`` then fails with
+"expected all tensors_saved_with_vc_check to be Tensors"; see pytorch/pytorch#196956.) The
+partitioner never recomputes them outside such a region: custom ops are not on its recompute
+allow-list. Each op's kernel is the
 eager helper itself, run when the compiled graph runs: :func:`count_collectives`, the bytes and
 the :mod:`distnorm.debug` consistency checks see exactly what they see in eager mode, once per
 call. Inside a compiled graph the ``start_*`` helpers complete at issue (the compiler owns the
@@ -507,25 +514,6 @@ def _(x: torch.Tensor, dim: int, sizes: list[int], group_name: str) -> torch.Ten
     return _resized(x, dim, sizes[dist.get_rank(_resolve(group_name))])
 
 
-def _register_effects() -> None:
-    # Ordered: never dead-code eliminated, merged or reordered by torch.compile, so every rank
-    # issues its collectives in program order even where uneven shards give ranks other graphs.
-    # The registry is private and moved between torch releases: torch.library's (2.13) or the
-    # with_effects HOP's table (earlier releases, e.g. the 2.11 of a GPU image).
-    names = ("all_reduce", "broadcast", "all_gather", "reduce_scatter")
-    try:
-        from torch._library.effects import EffectType
-
-        for name in names:
-            torch.library._register_effectful_op(f"distnorm::{name}", EffectType.ORDERED)  # type: ignore[attr-defined]
-    except (ImportError, AttributeError):
-        from torch._higher_order_ops.effects import _EffectType, _register_effectful_op
-
-        for name in names:
-            _register_effectful_op(getattr(torch.ops.distnorm, name).default, _EffectType.ORDERED)
-
-
-_register_effects()
 
 
 # --------------------------------------------------------------------------------------------

@@ -309,7 +309,7 @@ def test_start_helpers_complete_on_wait(world):
 
 
 # --------------------------------------------------------------------------------------------
-# torch.compile: every collective is an ordered custom op; counts as in eager
+# torch.compile: every collective is a custom op; counts as in eager
 # --------------------------------------------------------------------------------------------
 
 
@@ -326,14 +326,15 @@ def _pairs(group, sizes, rank, x, x_shard, xs_r, w):
 def _helpers(group, sizes, rank, t):
     """Every plain helper, the async ones included (no autograd)."""
     m = comm.all_reduce_(t.clone(), group, op="max")
-    work = comm.all_reduce_(t.clone() * (rank + 1), group, async_op=True)
+    s = t.clone() * (rank + 1)  # read below: a collective whose result nothing reads is dropped by the compiler
+    work = comm.all_reduce_(s, group, async_op=True)
     work.wait()
     b = comm.broadcast_(t.clone(), 1, group)
     ag = comm.all_gather_uneven(t[: sizes[rank]], group, sizes=sizes)
     rs = comm.reduce_scatter_uneven(t, group)
     pending_ag = comm.start_all_gather_uneven(t[: sizes[rank]], group, sizes=sizes)
     pending_rs = comm.start_reduce_scatter_uneven(t, group)
-    return m, b, ag, rs, pending_ag.wait(), pending_rs.wait()
+    return m, s, b, ag, rs, pending_ag.wait(), pending_rs.wait()
 
 
 def _compiled_rank(rank, world, x, xs, ws):

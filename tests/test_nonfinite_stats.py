@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from distnorm.comm import count_collectives
+from distnorm.data_parallel import _state
 from distnorm.testing import simulate, split_for_world
 from tests.test_checkpoint_safety import DP_NORMS, _dp_norms
 
@@ -21,6 +22,9 @@ BACKWARD_STATS = {"PowerNorm": ("ema_gz",), "UnifiedNorm": ("ema_gz", "buffer_gz
 
 
 SCHEDULE = {"step"}  # ProgressiveRepBN's LayerNorm->RepBN schedule counter: a clock, not a statistic
+# The recomputation snapshot (distnorm/data_parallel/_state.py) records the state each training forward *read*
+# and counts forwards/backwards: bookkeeping that must move with every forward, not a statistic.
+RECOMPUTE = {_state.SNAPSHOT, _state.COUNTERS, _state.BACKWARDS}
 
 
 def _buffers(norm):
@@ -32,7 +36,7 @@ def _skips(buffers):
 
 
 def _stats(buffers):
-    return {k: v for k, v in buffers.items() if not k.endswith(("num_nonfinite_skips", "num_nonfinite_grad_skips")) and k not in SCHEDULE}
+    return {k: v for k, v in buffers.items() if not k.endswith(("num_nonfinite_skips", "num_nonfinite_grad_skips")) and k not in SCHEDULE | RECOMPUTE}
 
 
 def _step(norm, x_full, dy_full, rank, world):

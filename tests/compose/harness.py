@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import traceback
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -74,8 +74,13 @@ def max_errors(got: Record, want: Record) -> dict[str, float]:
     return errors
 
 
-def compile_case(case: Case, group: Any, rank: int, world: int, backend: str | Callable[..., Any]) -> dict[str, Any]:
-    """Eager vs ``torch.compile(fullgraph=True)`` of ``case``: graph breaks, graphs, max errors or the error."""
+def compile_case(case: Case, group: Any, rank: int, world: int, backend: str | Callable[..., Any],
+                 checkpoint: str | None = None) -> dict[str, Any]:
+    """Eager vs ``torch.compile(fullgraph=True)`` of ``case``: graph breaks, graphs, max errors or the error.
+
+    With ``checkpoint`` (one of :data:`CHECKPOINT_MODES`) the compiled function calls the module
+    through ``torch.utils.checkpoint`` (torchtitan's per-block AC + compile), still against plain eager.
+    """
     import torch._dynamo
     import torch._inductor.config as inductor_config
     from torch._dynamo.testing import CompileCounterWithBackend
@@ -84,12 +89,14 @@ def compile_case(case: Case, group: Any, rank: int, world: int, backend: str | C
     inductor_config.compile_threads = 1  # no compile-worker pool: faster on 2 shared cores
     torch._dynamo.reset()
     counters.clear()
-    result: dict[str, Any] = {"name": case.name, "world": world, "backend": getattr(backend, "__name__", backend)}
+    result: dict[str, Any] = {"name": case.name, "world": world, "backend": getattr(backend, "__name__", backend),
+                              "checkpoint": checkpoint}
     try:
         eager = run(case, (m := case.build(group)), m, rank, world)
         module = case.build(group)
         cnt = CompileCounterWithBackend(backend)
-        compiled = torch.compile(module, backend=cnt, fullgraph=True)
+        compiled = torch.compile(module if checkpoint is None else checkpointed(module, checkpoint),
+                                 backend=cnt, fullgraph=True)
         got = run(case, module, compiled, rank, world)
         result.update(errors=max_errors(got, eager), graphs=cnt.frame_count,
                       graph_breaks=sum(counters["graph_break"].values()))
@@ -98,12 +105,16 @@ def compile_case(case: Case, group: Any, rank: int, world: int, backend: str | C
     return result
 
 
-def compile_matrix(rank: int, names: list[str], backends: dict[str, str]) -> list[dict[str, Any]]:
-    """Every case in ``names`` on the world's group (``spawn`` target): one result per case."""
+def compile_matrix(rank: int, names: list[str], backends: dict[str, str],
+                   checkpointed_names: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """Every case in ``names``, then every one in ``checkpointed_names`` compiled around non-reentrant
+    checkpointing, on the world's group (``spawn`` target): one result per case, in that order."""
     world = dist.get_world_size() if dist.is_initialized() else 1
     group = dist.group.WORLD if world > 1 else None
     torch.set_num_threads(1)
-    return [compile_case(BY_NAME[n], group, rank, world, backends.get(n, "aot_eager")) for n in names]
+    return ([compile_case(BY_NAME[n], group, rank, world, backends.get(n, "aot_eager")) for n in names]
+            + [compile_case(BY_NAME[n], group, rank, world, "aot_eager", checkpoint="non_reentrant")
+               for n in checkpointed_names])
 
 
 # --------------------------------------------------------------------------------------------

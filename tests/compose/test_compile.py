@@ -44,20 +44,30 @@ def _backends(world: int) -> dict[str, str]:
     return {name: "inductor" if name in INDUCTOR[world] else "aot_eager" for name in ALL}
 
 
+# compiled *around* non-reentrant checkpointing (torchtitan's per-block AC + compile: the partitioner
+# recomputes the region, collectives included, in the backward), in the world-2 spawn: one case per
+# collective pattern (the data-parallel norms' state under this: tests/data_parallel/test_compile_checkpoint.py)
+CHECKPOINTED = ["SequenceParallelLayerNorm", "ShardedRMSNorm", "ColumnParallelLinear[sequence_parallel]",
+                "RowParallelLinear", "fused_allreduce_rms_norm[reduce_scatter]", "SyncBatchNorm"]
+
+
 @functools.cache
 def _matrix(world: int) -> dict[str, dict[str, Any]]:
     names = ALL if world == 2 else WORLD4
-    per_rank = spawn(world, compile_matrix, names, _backends(world), timeout=SPAWN_TIMEOUT)
+    checkpointed = CHECKPOINTED if world == 2 else []
+    per_rank = spawn(world, compile_matrix, names, _backends(world), checkpointed, timeout=SPAWN_TIMEOUT)
     merged = {}
-    for i, name in enumerate(names):  # the worst rank of each case
+    keys = names + [f"{n}+checkpoint" for n in checkpointed]
+    for i, key in enumerate(keys):  # the worst rank of each case
         results = [r[i] for r in per_rank]
         failed = [r for r in results if "error" in r]
-        merged[name] = failed[0] if failed else max(results, key=lambda r: max(r["errors"].values()))
+        merged[key] = failed[0] if failed else max(results, key=lambda r: max(r["errors"].values()))
     return merged
 
 
 def check(result: dict[str, Any]) -> None:
-    where = f"{result['name']} at world {result['world']} ({result['backend']})"
+    around = f", compiled around {result['checkpoint']} checkpointing" if result.get("checkpoint") else ""
+    where = f"{result['name']} at world {result['world']} ({result['backend']}{around})"
     assert "error" not in result, f"{where} does not compile with fullgraph=True:\n{result.get('error')}"
     assert result["graph_breaks"] == 0, f"{where}: {result['graph_breaks']} graph breaks"
     assert result["graphs"] <= 2, f"{where}: {result['graphs']} graphs (recompiles) for one training and one eval mode"
@@ -101,3 +111,9 @@ def test_compile_world2_gloo(name):
 @pytest.mark.parametrize("name", WORLD4)
 def test_compile_world4_gloo(name):
     check(_matrix(4)[name])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", CHECKPOINTED)
+def test_compile_around_checkpoint_world2_gloo(name):
+    check(_matrix(2)[f"{name}+checkpoint"])

@@ -374,7 +374,7 @@ def _compiled_rank(rank, world, x, xs, ws):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("world", [3])  # uneven everywhere; the modules built on these compile at 2 and 4 (tests/compose)
 def test_every_collective_compiles_fullgraph_in_real_processes(world):
     """fullgraph=True, one graph, no break; compiled == eager (values, gradients); count_collectives
     reports the same kinds, counts and bytes under compile as in eager mode."""

@@ -33,11 +33,11 @@ checkpointing does. (An *ordered effect* would pin the order further, but torch 
 recompute effectful ops: ``torch.compile`` around ``torch.utils.checkpoint`` then fails with
 "expected all tensors_saved_with_vc_check to be Tensors"; see pytorch/pytorch#196956.) The
 partitioner never recomputes them outside such a region: custom ops are not on its recompute
-allow-list. Each op's kernel is the
-eager helper itself, run when the compiled graph runs: :func:`count_collectives`, the bytes and
-the :mod:`distnorm.debug` consistency checks see exactly what they see in eager mode, once per
-call. Inside a compiled graph the ``start_*`` helpers complete at issue (the compiler owns the
-schedule), and ``all_gather_object`` (pickled objects) cannot be traced.
+allow-list. Each op's kernel is the eager helper itself, run when the compiled graph runs:
+:func:`count_collectives`, the bytes and the :mod:`distnorm.debug` consistency checks see exactly
+what they see in eager mode, once per call. Inside a compiled graph the ``start_*`` helpers
+complete at issue (the compiler owns the schedule), and ``all_gather_object`` (pickled objects)
+cannot be traced.
 """
 
 from __future__ import annotations
@@ -512,8 +512,6 @@ def _(x: torch.Tensor, dim: int, sizes: list[int], group_name: str) -> torch.Ten
 @_reduce_scatter_op.register_fake
 def _(x: torch.Tensor, dim: int, sizes: list[int], group_name: str) -> torch.Tensor:
     return _resized(x, dim, sizes[dist.get_rank(_resolve(group_name))])
-
-
 
 
 # --------------------------------------------------------------------------------------------

@@ -64,19 +64,16 @@ def test_compile_fullgraph_matches_eager(name):
     assert breaks == 0
 
 
-def _compile_world(rank, world, names, backend):
-    return _compiled_vs_eager(rank, world, names, backend)
-
-
 # Real processes, with a non-finite batch on one rank: one norm per collective pattern (batch-norm op,
 # approximate backward, autograd through the moments, EstBN estimates) through dynamo and AOT autograd
 # (aot_eager: no C++ build in every process; inductor is pinned at world 1 above). Every norm compiled
 # at worlds 2 and 4 without the bad batch: tests/compose/test_compile.py.
-@pytest.mark.parametrize("world,names,backend", [(2, ["SyncBatchNorm", "PowerNorm", "EvoNormB0", "BatchChannelNorm"],
-                                                  "aot_eager")])
-def test_compile_fullgraph_in_real_processes(world, names, backend):
-    for per_norm in spawn(world, _compile_world, world, names, backend, timeout=600):
-        assert set(per_norm) == set(names)
+SPAWNED = ["SyncBatchNorm", "PowerNorm", "EvoNormB0", "BatchChannelNorm"]
+
+
+def test_compile_fullgraph_in_real_processes():
+    for per_norm in spawn(2, _compiled_vs_eager, 2, SPAWNED, "aot_eager", timeout=600):
+        assert set(per_norm) == set(SPAWNED)
         assert all(breaks == 0 for _, breaks in per_norm.values())
 
 
